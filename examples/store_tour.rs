@@ -1,0 +1,3 @@
+fn main() {
+    println!("sheaf store tour: coming with the store");
+}

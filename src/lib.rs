@@ -1,0 +1,22 @@
+//! sheaf: a local-first document store.
+//!
+//! Every note is an Automerge document persisted in sled on the device; edits are saved
+//! locally first and exchanged with peers or a relay over the automerge-repo WebSocket
+//! protocol when a network is there.
+//!
+//! # Layout
+//!
+//! - [`id`]: document ids, `automerge:` URLs, peer and storage ids.
+//! - [`protocol`]: the wire messages and their CBOR codec (a total decoder).
+//! - [`store`]: persistence in sled: checksummed chunks, group commit, compaction.
+//! - [`engine`]: the sans-IO sync engine: `handle(now, inputs) -> effects`.
+//! - [`error`]: the crate's top-level error.
+
+pub mod engine;
+pub mod error;
+pub mod id;
+pub mod protocol;
+pub mod store;
+
+pub use error::Error;
+pub use id::{AutomergeUrl, DocumentId, PeerId, StorageId};
