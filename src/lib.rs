@@ -10,11 +10,13 @@
 //! - [`protocol`]: the wire messages and their CBOR codec (a total decoder).
 //! - [`store`]: persistence in sled: checksummed chunks, group commit, compaction.
 //! - [`engine`]: the sans-IO sync engine: `handle(now, inputs) -> effects`.
+//! - [`net`]: the seam between sockets and the engine ([`net::Hub`]).
 //! - [`error`]: the crate's top-level error.
 
 pub mod engine;
 pub mod error;
 pub mod id;
+pub mod net;
 pub mod protocol;
 pub mod store;
 
