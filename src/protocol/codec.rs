@@ -242,6 +242,44 @@ mod tests {
         assert!(sync.windows(id.len()).any(|w| w == id.as_bytes()));
     }
 
+    #[test]
+    fn numbers_are_written_as_cbor_x_writes_js_numbers() {
+        // cbor-x writes numbers beyond 32 bits as float64 and decodes CBOR u64 as BigInt.
+        let mut heads = BTreeMap::new();
+        heads.insert(
+            StorageId::new("s"),
+            HeadsAt {
+                heads: vec![],
+                timestamp: 1_795_614_297_454.0,
+            },
+        );
+        let bytes = encode(&Message::RemoteHeadsChanged {
+            sender_id: p("a"),
+            target_id: p("b"),
+            document_id: doc(),
+            new_heads: heads,
+        });
+        let ts = 1_795_614_297_454f64.to_be_bytes();
+        assert!(bytes.windows(9).any(|w| w[0] == 0xfb && w[1..] == ts));
+        let eph = |count| {
+            encode(&Message::Ephemeral {
+                sender_id: p("a"),
+                target_id: p("b"),
+                document_id: doc(),
+                session_id: "s".into(),
+                count,
+                data: vec![],
+            })
+        };
+        let after_count = |b: Vec<u8>| {
+            let i = b.windows(6).position(|w| w == b"\x65count").unwrap();
+            b[i + 6]
+        };
+        assert_eq!(after_count(eph(7)), 0x07);
+        assert_eq!(after_count(eph(1 << 40)), 0xfb);
+        assert_eq!(after_count(eph(u64::MAX)), 0x1b);
+    }
+
     // ---- hand-built CBOR ---------------------------------------------------------------
 
     /// Build a frame with a minicbor encoder.

@@ -5,7 +5,7 @@ use minicbor::Encoder;
 use crate::protocol::{Message, PeerMetadata};
 
 /// Largest integer a JS number holds exactly (2^53).
-const JS_MAX_SAFE: f64 = 9_007_199_254_740_992.0;
+const JS_MAX_SAFE: u64 = 1 << 53;
 
 /// Encode one message as one WebSocket frame's payload.
 ///
@@ -116,7 +116,8 @@ fn write(e: &mut Encoder<Vec<u8>>, msg: &Message) -> Res {
             kv_str(e, "targetId", target_id.as_str())?;
             kv_str(e, "documentId", &document_id.to_string())?;
             kv_str(e, "sessionId", session_id)?;
-            e.str("count")?.u64(*count)?;
+            e.str("count")?;
+            js_uint(e, *count)?;
             e.str("data")?.bytes(data)?;
         }
         Message::RemoteSubscriptionChange {
@@ -173,17 +174,29 @@ fn peer_meta(e: &mut Encoder<Vec<u8>>, m: &PeerMetadata) -> Res {
     Ok(())
 }
 
-/// A JS number the way cbor-x writes it: integers in the safe range as CBOR integers,
-/// everything else as a float.
+/// A JS number the way cbor-x writes it: integers that fit 32 bits as CBOR integers,
+/// everything else (e.g. a millisecond timestamp) as a float64. cbor-x never writes 64-bit
+/// integers for numbers, and decodes them as `BigInt`, which JS code does not expect.
 fn js_number(e: &mut Encoder<Vec<u8>>, v: f64) -> Res {
-    if v.fract() == 0.0 && v.abs() <= JS_MAX_SAFE {
-        if v >= 0.0 {
-            e.u64(v as u64)?;
-        } else {
-            e.i64(v as i64)?;
-        }
+    if v.fract() == 0.0 && v >= 0.0 && v <= f64::from(u32::MAX) {
+        e.u32(v as u32)?;
+    } else if v.fract() == 0.0 && v < 0.0 && v >= f64::from(i32::MIN) {
+        e.i32(v as i32)?;
     } else {
         e.f64(v)?;
+    }
+    Ok(())
+}
+
+/// An unsigned count as cbor-x would write the same JS number; above 2^53 (which no JS peer
+/// can produce) a CBOR u64 keeps the value exact.
+fn js_uint(e: &mut Encoder<Vec<u8>>, v: u64) -> Res {
+    if let Ok(small) = u32::try_from(v) {
+        e.u32(small)?;
+    } else if v <= JS_MAX_SAFE {
+        e.f64(v as f64)?;
+    } else {
+        e.u64(v)?;
     }
     Ok(())
 }
