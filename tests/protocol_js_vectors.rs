@@ -197,6 +197,9 @@ fn check(msg: &Message, js: &Value) {
 fn every_js_frame_decodes_to_what_cbor_x_saw() {
     let frames = index();
     assert!(!frames.is_empty());
+    // Our re-encodings, for `node tests/js/decode-check.mjs` (JS decodes them back).
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("js-reencoded");
+    std::fs::create_dir_all(&out).expect("target tmp dir");
     let mut types = BTreeSet::new();
     for f in &frames {
         let file = s(&f["file"]);
@@ -205,7 +208,9 @@ fn every_js_frame_decodes_to_what_cbor_x_saw() {
         assert_eq!(msg.type_name(), s(&f["type"]), "{file}");
         check(&msg, &f["message"]);
         // Our encoding of the message decodes to the same message.
-        assert_eq!(decode(&encode(&msg)).as_ref(), Ok(&msg), "{file}");
+        let ours = encode(&msg);
+        assert_eq!(decode(&ours).as_ref(), Ok(&msg), "{file}");
+        std::fs::write(out.join(file), &ours).expect("write re-encoding");
         types.insert(msg.type_name());
     }
     // The capture covers every message type the JS packages send.
