@@ -8,6 +8,19 @@
 //!
 //! Nothing here knows about sockets or documents' contents: `data` fields are opaque bytes
 //! (an Automerge sync message for `sync`/`request`, CBOR of an app payload for `ephemeral`).
+//!
+//! # Wire facts (from frames captured from JS automerge-repo 2.5.6, `tests/fixtures/js-frames`)
+//!
+//! - A repo without storage sends `peerMetadata: {storageId: undefined, isEphemeral: true}`
+//!   (CBOR `undefined`, not an absent key); `remote-subscription-change` carries
+//!   `remove: undefined` when it only adds.
+//! - Millisecond timestamps arrive as float64; cbor-x writes maps with a 16-bit length head.
+//! - `ephemeral` keeps the *originator's* `senderId` when forwarded, so it may differ from the
+//!   peer on the socket. JS clients also re-gossip ephemerals they receive back to the server
+//!   (with the originator's `senderId`); the JS server drops any non-`join` frame whose
+//!   `senderId` is not the peer that joined on that socket.
+//! - The JS server answers `request` for an unknown document with `doc-unavailable` and a
+//!   join without protocol "1" with `error {senderId, message, targetId}`, then closes.
 
 pub mod codec;
 
