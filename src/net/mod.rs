@@ -5,6 +5,13 @@
 //! [`Hub`] trait that the runtime (`Repo`) implements. A socket task decodes each frame and
 //! hands the [`Message`] to [`Hub::receive`]; it drains the bounded [`Outgoing`] receiver it
 //! got from [`Hub::connect`] and writes what comes out.
+//!
+//! - [`client`]: the dialer ([`client::dial`], [`client::spawn_reconnecting`] with backoff).
+//! - [`shutdown`]: the stop signal socket tasks watch.
+//! - The acceptor and the per-socket loop live in [`crate::relay`].
+
+pub mod client;
+pub mod shutdown;
 
 use std::net::SocketAddr;
 
