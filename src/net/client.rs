@@ -70,7 +70,7 @@ pub async fn dial(
     let connect = tokio_tungstenite::connect_async_with_config(
         url,
         Some(config.socket.websocket_config()),
-        false,
+        true, // TCP_NODELAY: frames are small and latency matters
     );
     let (ws, _response) = tokio::select! {
         r = timeout(config.connect_timeout, connect) => match r {
@@ -80,10 +80,7 @@ pub async fn dial(
         _ = cancel.recv() => return Err(DialError::Cancelled),
     };
     let remote_addr = match ws.get_ref() {
-        tokio_tungstenite::MaybeTlsStream::Plain(tcp) => {
-            let _ = tcp.set_nodelay(true);
-            tcp.peer_addr().ok()
-        }
+        tokio_tungstenite::MaybeTlsStream::Plain(tcp) => tcp.peer_addr().ok(),
         _ => None,
     };
     let (conn, outgoing) = hub.connect(ConnInfo {

@@ -44,7 +44,8 @@ pub struct ConnInfo {
 pub enum Outgoing {
     /// Encode and send as one binary frame.
     Send(Message),
-    /// Close the socket with this reason (after sending everything queued before it).
+    /// Close the socket with this reason (after sending everything queued before it), with
+    /// WebSocket close code 1000. Reasons longer than 123 bytes are truncated.
     Close(String),
 }
 

@@ -126,7 +126,9 @@ where
         Direction::Incoming => "server shutting down",
         Direction::Outgoing => "client shutting down",
     };
-    let mut writer = tokio::spawn(write_loop(WriterCtx {
+    // Aborted if this future is dropped (e.g. the server aborts connections that outlive
+    // its shutdown timeout), so a writer stuck on a peer that never reads cannot leak.
+    let mut writer = AbortOnDrop(tokio::spawn(write_loop(WriterCtx {
         sink,
         outgoing,
         ctrl: ctrl_rx,
@@ -136,7 +138,7 @@ where
         metrics: metrics.clone(),
         conn,
         closing: closing_tx,
-    }));
+    })));
 
     let (kind, drain) = read_loop(
         &mut stream,
@@ -151,7 +153,7 @@ where
     .await;
     // The writer has every request the reader made; without a sender it finishes.
     drop(ctrl_tx);
-    let sink = match timeout(config.close_timeout, &mut writer).await {
+    let sink = match timeout(config.close_timeout, &mut writer.0).await {
         Ok(Ok(sink)) => Some(sink),
         Ok(Err(e)) => {
             warn!(conn = conn.0, error = %e, "socket writer task failed");
@@ -162,7 +164,7 @@ where
                 conn = conn.0,
                 "socket writer did not finish in time; aborting it"
             );
-            writer.abort();
+            writer.0.abort();
             None
         }
     };
@@ -179,6 +181,14 @@ where
     metrics.closes.inc(kind.label());
     info!(conn = conn.0, reason = kind.label(), "connection closed");
     kind
+}
+
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 async fn drain_raw<S: AsyncRead + Unpin>(s: &mut S, limit: std::time::Duration) {
