@@ -6,4 +6,8 @@ pub enum Error {
     Id(#[from] crate::id::IdError),
     #[error(transparent)]
     Decode(#[from] crate::protocol::DecodeError),
+    #[error(transparent)]
+    Server(#[from] crate::relay::ServerError),
+    #[error(transparent)]
+    Dial(#[from] crate::net::client::DialError),
 }

@@ -10,7 +10,10 @@
 //! - [`protocol`]: the wire messages and their CBOR codec (a total decoder).
 //! - [`store`]: persistence in sled: checksummed chunks, group commit, compaction.
 //! - [`engine`]: the sans-IO sync engine: `handle(now, inputs) -> effects`.
-//! - [`net`]: the seam between sockets and the engine ([`net::Hub`]).
+//! - [`net`]: the seam between sockets and the engine ([`net::Hub`]); the WebSocket dialer
+//!   with reconnect and backoff ([`net::client`]).
+//! - [`relay`]: the WebSocket server: `run(listener, hub, config, shutdown)`, the per-socket
+//!   loop (limits, keepalive, close codes), `/health` and Prometheus `/metrics`.
 //! - [`error`]: the crate's top-level error.
 
 pub mod engine;
@@ -18,6 +21,7 @@ pub mod error;
 pub mod id;
 pub mod net;
 pub mod protocol;
+pub mod relay;
 pub mod store;
 
 pub use error::Error;

@@ -5,6 +5,13 @@
 //! [`Hub`] trait that the runtime (`Repo`) implements. A socket task decodes each frame and
 //! hands the [`Message`] to [`Hub::receive`]; it drains the bounded [`Outgoing`] receiver it
 //! got from [`Hub::connect`] and writes what comes out.
+//!
+//! - [`client`]: the dialer ([`client::dial`], [`client::spawn_reconnecting`] with backoff).
+//! - [`shutdown`]: the stop signal socket tasks watch.
+//! - The acceptor and the per-socket loop live in [`crate::relay`].
+
+pub mod client;
+pub mod shutdown;
 
 use std::net::SocketAddr;
 
@@ -37,7 +44,8 @@ pub struct ConnInfo {
 pub enum Outgoing {
     /// Encode and send as one binary frame.
     Send(Message),
-    /// Close the socket with this reason (after sending everything queued before it).
+    /// Close the socket with this reason (after sending everything queued before it), with
+    /// WebSocket close code 1000. Reasons longer than 123 bytes are truncated.
     Close(String),
 }
 
