@@ -6,4 +6,6 @@ pub enum Error {
     Id(#[from] crate::id::IdError),
     #[error(transparent)]
     Decode(#[from] crate::protocol::DecodeError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
 }
