@@ -10,4 +10,6 @@ pub enum Error {
     Server(#[from] crate::relay::ServerError),
     #[error(transparent)]
     Dial(#[from] crate::net::client::DialError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
 }

@@ -1,0 +1,33 @@
+//! Tuning knobs for the store.
+
+/// Configuration for [`Store::open`](super::Store::open).
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// sled's page cache. sled 0.34 does not strictly bound memory by it (sled #1309), so the
+    /// default is deliberately low: 64 MiB.
+    pub cache_capacity_bytes: u64,
+    /// Group commit: the writer drains every waiting request, up to this many ops per batch.
+    pub max_batch_ops: usize,
+    /// Group commit: ... and up to this many payload bytes per batch.
+    pub max_batch_bytes: usize,
+    /// Consecutive appends to one document in a batch are stored as one chunk, up to this size.
+    pub max_coalesced_chunk_bytes: usize,
+    /// Compaction policy: compact once incremental bytes exceed the snapshot's size, but never
+    /// below this many bytes.
+    pub compaction_min_bytes: u64,
+    /// Compaction policy: ... or once there are more than this many incremental chunks.
+    pub compaction_max_chunks: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            cache_capacity_bytes: 64 * 1024 * 1024,
+            max_batch_ops: 4096,
+            max_batch_bytes: 16 * 1024 * 1024,
+            max_coalesced_chunk_bytes: 1024 * 1024,
+            compaction_min_bytes: 64 * 1024,
+            compaction_max_chunks: 500,
+        }
+    }
+}

@@ -1,0 +1,55 @@
+//! Counters the writer and loader bump, read by [`Store::stats`](super::Store::stats).
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// A snapshot of the store's counters since open.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// `fdatasync` calls on the database file: one per committed batch.
+    pub fsyncs: u64,
+    /// `fsync` calls on sled blob files and the `blobs/` directory (see `durability`).
+    pub blob_fsyncs: u64,
+    /// Batches committed (each: one sled transaction, one flush, one fsync).
+    pub batches: u64,
+    /// Write requests (calls to `write`) made durable.
+    pub requests: u64,
+    /// `WriteOp`s applied.
+    pub ops_written: u64,
+    /// Chunks stored after coalescing appends.
+    pub chunks_written: u64,
+    /// Payload bytes written (chunks, snapshots, sync states).
+    pub bytes_written: u64,
+    /// Chunks found corrupt and quarantined by `load`.
+    pub corrupt_chunks: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub fsyncs: AtomicU64,
+    pub blob_fsyncs: AtomicU64,
+    pub batches: AtomicU64,
+    pub requests: AtomicU64,
+    pub ops_written: AtomicU64,
+    pub chunks_written: AtomicU64,
+    pub bytes_written: AtomicU64,
+    pub corrupt_chunks: AtomicU64,
+}
+
+impl Counters {
+    pub fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Relaxed);
+    }
+
+    pub fn snapshot(&self) -> StoreStats {
+        StoreStats {
+            fsyncs: self.fsyncs.load(Relaxed),
+            blob_fsyncs: self.blob_fsyncs.load(Relaxed),
+            batches: self.batches.load(Relaxed),
+            requests: self.requests.load(Relaxed),
+            ops_written: self.ops_written.load(Relaxed),
+            chunks_written: self.chunks_written.load(Relaxed),
+            bytes_written: self.bytes_written.load(Relaxed),
+            corrupt_chunks: self.corrupt_chunks.load(Relaxed),
+        }
+    }
+}

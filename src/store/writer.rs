@@ -1,0 +1,190 @@
+//! The single writer thread: group commit.
+//!
+//! Every `write` becomes a request on a channel. The writer blocks for one request, then takes
+//! every other request already waiting (up to `max_batch_ops` / `max_batch_bytes`), applies all
+//! their ops as one sled transaction over the `data` and `docs` trees, calls `Db::flush()`,
+//! then [`Durability::sync`] (fdatasync of the log, fsync of new blob files), and only then runs
+//! the callbacks. Concurrent writers therefore share one flush and one fsync: the more of them
+//! there are, the bigger the batches.
+//!
+//! A failed flush or fsync poisons the writer: after a failed fsync the kernel may have dropped
+//! the dirty pages, so no later write could honestly be called durable. Every later request
+//! fails with [`StoreError::Poisoned`] until the store is reopened.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
+
+use sled::transaction::{TransactionError, Transactional};
+
+use super::config::StoreConfig;
+use super::durability::Durability;
+use super::keys::chunk_range;
+use super::plan::{Committed, Plan, WriteOp};
+use super::sizes::SizeTable;
+use super::stats::Counters;
+use super::StoreError;
+use crate::id::DocumentId;
+
+pub(crate) type Callback = Box<dyn FnOnce(Result<(), StoreError>) + Send + 'static>;
+
+pub(crate) struct Request {
+    pub ops: Vec<WriteOp>,
+    pub done: Callback,
+}
+
+pub(crate) struct Writer {
+    pub db: sled::Db,
+    pub data: sled::Tree,
+    pub docs: sled::Tree,
+    pub durability: Option<Durability>,
+    pub sizes: Arc<SizeTable>,
+    pub counters: Arc<Counters>,
+    pub config: StoreConfig,
+    pub poisoned: Option<String>,
+}
+
+impl Committed for Writer {
+    fn doc_exists(&self, doc: &DocumentId) -> Result<bool, StoreError> {
+        Ok(self.docs.contains_key(doc.as_bytes())?)
+    }
+
+    fn doc_keys(&self, doc: &DocumentId, chunks_only: bool) -> Result<Vec<Vec<u8>>, StoreError> {
+        let iter = if chunks_only {
+            let (start, end) = chunk_range(doc);
+            self.data.range(start..end)
+        } else {
+            self.data.scan_prefix(doc.as_bytes())
+        };
+        iter.keys()
+            .map(|k| k.map(|k| k.to_vec()).map_err(StoreError::from))
+            .collect()
+    }
+
+    fn next_seq(&self) -> Result<u64, StoreError> {
+        Ok(self.db.generate_id()?)
+    }
+}
+
+impl Writer {
+    pub fn run(mut self, rx: Receiver<Request>) {
+        while let Ok(first) = rx.recv() {
+            let mut ops = first.ops.len();
+            let mut bytes: usize = first.ops.iter().map(WriteOp::payload_len).sum();
+            let mut group = vec![first];
+            while ops < self.config.max_batch_ops && bytes < self.config.max_batch_bytes {
+                match rx.try_recv() {
+                    Ok(r) => {
+                        ops += r.ops.len();
+                        bytes += r.ops.iter().map(WriteOp::payload_len).sum::<usize>();
+                        group.push(r);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.commit_group(group);
+        }
+        tracing::debug!("store writer: channel closed, exiting");
+    }
+
+    fn commit_group(&mut self, group: Vec<Request>) {
+        let requests = group.len() as u64;
+        let mut callbacks = Vec::with_capacity(group.len());
+        let mut plan = Plan::default();
+        let mut build_err = None;
+        for req in group {
+            callbacks.push(req.done);
+            if build_err.is_some() || self.poisoned.is_some() {
+                continue;
+            }
+            for op in req.ops {
+                if let Err(e) = plan.add(op, &*self, &self.config) {
+                    build_err = Some(e);
+                    break;
+                }
+            }
+        }
+        plan.finish();
+
+        let result = if let Some(p) = &self.poisoned {
+            Err(StoreError::Poisoned(p.clone()))
+        } else if let Some(e) = build_err {
+            Err(StoreError::BatchFailed(Arc::new(e)))
+        } else {
+            self.commit(&plan)
+        };
+
+        match &result {
+            Ok(()) => {
+                for (doc, effect) in plan.sizes.drain() {
+                    self.sizes.apply(doc, effect);
+                }
+                let c = &self.counters;
+                Counters::add(&c.batches, 1);
+                Counters::add(&c.requests, requests);
+                Counters::add(&c.ops_written, plan.ops);
+                Counters::add(&c.chunks_written, plan.chunks);
+                Counters::add(&c.bytes_written, plan.bytes);
+            }
+            Err(e) => tracing::error!(error = %e, requests, "store write batch failed"),
+        }
+        let shared = result.err().map(Arc::new);
+        for cb in callbacks {
+            let r = match &shared {
+                None => Ok(()),
+                Some(e) => Err(match &**e {
+                    StoreError::Poisoned(p) => StoreError::Poisoned(p.clone()),
+                    _ => StoreError::BatchFailed(e.clone()),
+                }),
+            };
+            if catch_unwind(AssertUnwindSafe(|| cb(r))).is_err() {
+                tracing::error!("a store write callback panicked; the writer carries on");
+            }
+        }
+    }
+
+    fn commit(&mut self, plan: &Plan) -> Result<(), StoreError> {
+        if !plan.data.is_empty() || !plan.docs.is_empty() {
+            let mut data = sled::Batch::default();
+            for (k, v) in &plan.data {
+                match v {
+                    Some(v) => data.insert(k.as_slice(), v.as_slice()),
+                    None => data.remove(k.as_slice()),
+                }
+            }
+            let mut docs = sled::Batch::default();
+            for (k, listed) in &plan.docs {
+                if *listed {
+                    docs.insert(&k[..], &[][..]);
+                } else {
+                    docs.remove(&k[..]);
+                }
+            }
+            (&self.data, &self.docs)
+                .transaction(|(d, x)| {
+                    d.apply_batch(&data)?;
+                    x.apply_batch(&docs)?;
+                    Ok(())
+                })
+                .map_err(|e: TransactionError<()>| match e {
+                    TransactionError::Storage(e) => StoreError::Sled(e),
+                    TransactionError::Abort(()) => {
+                        StoreError::Sled(sled::Error::Unsupported("transaction aborted".into()))
+                    }
+                })?;
+        }
+        // From here on a failure leaves the log in an unknown state: poison.
+        let synced =
+            self.db
+                .flush()
+                .map_err(StoreError::from)
+                .and_then(|_| match &mut self.durability {
+                    Some(d) => d.sync(&self.counters),
+                    None => Ok(()),
+                });
+        if let Err(e) = &synced {
+            self.poisoned = Some(e.to_string());
+        }
+        synced
+    }
+}
