@@ -14,6 +14,7 @@
 //!   with reconnect and backoff ([`net::client`]).
 //! - [`relay`]: the WebSocket server: `run(listener, hub, config, shutdown)`, the per-socket
 //!   loop (limits, keepalive, close codes), `/health` and Prometheus `/metrics`.
+//! - [`sim`]: the deterministic network simulator (tests, fuzzing).
 //! - [`error`]: the crate's top-level error.
 
 pub mod engine;
@@ -22,6 +23,7 @@ pub mod id;
 pub mod net;
 pub mod protocol;
 pub mod relay;
+pub mod sim;
 pub mod store;
 
 pub use error::Error;

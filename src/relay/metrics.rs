@@ -127,7 +127,7 @@ impl Metrics {
         });
     }
 
-    /// Count a decode error under the name of its variant (`Incomplete`, `Invalid`, ...).
+    /// Count a decode error under the name of its variant (`Incomplete`, `Malformed`, `UnknownType`, ...).
     pub fn decode_error(&self, err: &crate::protocol::DecodeError) {
         let dbg = format!("{err:?}");
         let kind: String = dbg
@@ -283,7 +283,7 @@ mod tests {
         m.frame_in(10);
         m.closes.inc("text_frame");
         m.closes.inc("text_frame");
-        m.decode_error(&crate::protocol::DecodeError::Invalid("x".into()));
+        m.decode_error(&crate::protocol::DecodeError::Malformed("x".into()));
         let loaded = Arc::new(AtomicU64::new(7));
         let l = loaded.clone();
         m.register(
@@ -296,7 +296,7 @@ mod tests {
         assert!(text.contains("# TYPE sheaf_frames_in_total counter\nsheaf_frames_in_total 1\n"));
         assert!(text.contains("sheaf_bytes_in_total 10\n"));
         assert!(text.contains("sheaf_closes_total{reason=\"text_frame\"} 2\n"));
-        assert!(text.contains("sheaf_decode_errors_total{kind=\"Invalid\"} 1\n"));
+        assert!(text.contains("sheaf_decode_errors_total{kind=\"Malformed\"} 1\n"));
         assert!(text.contains("# TYPE sheaf_documents_loaded gauge\nsheaf_documents_loaded 7\n"));
     }
 

@@ -1,0 +1,513 @@
+//! One document's sync state and its step: apply the inbox in one call, persist the new
+//! changes as one chunk, then give each peer at most one message with everything new.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use automerge::sync::{ChunkList, Message as SyncMessage, State as SyncState, SyncDoc};
+use automerge::{Automerge, ChangeHash};
+
+use crate::id::{DocumentId, PeerId, StorageId};
+use crate::net::ConnId;
+use crate::protocol::Message;
+
+use super::types::{Effect, EngineConfig, EngineError, Event, Millis, SharedDoc};
+
+/// Where a document is in its life in this engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DocPhase {
+    /// Waiting for storage.
+    Loading,
+    /// We have it (possibly empty, if a peer is uploading it right now).
+    Ready,
+    /// Not in storage; asking peers (or waiting for one to connect or to upload it).
+    Requesting,
+    /// Every peer that could have it said no. A later sync still makes it ready.
+    Unavailable,
+}
+
+/// How a document stands with one peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerSyncStatus {
+    Offline,
+    /// Messages are in flight or the peer's heads differ from ours.
+    Syncing,
+    /// Both sides have each other's heads.
+    Synced,
+}
+
+/// A sync or request message waiting in a document's inbox.
+pub(super) struct Inbound {
+    pub conn: ConnId,
+    pub data: Vec<u8>,
+    pub request: bool,
+}
+
+pub(super) struct PeerDoc {
+    pub sync: SyncState,
+    /// We sent changes and wait for the answer (see `EngineConfig::max_hold_ms`).
+    pub awaiting_since: Option<Millis>,
+    /// The peer sent `request`: it has no copy and asked us for one.
+    pub they_requested: bool,
+    /// The peer said `doc-unavailable`.
+    pub they_unavailable: bool,
+    /// We asked this peer for the document.
+    pub asked: bool,
+    /// We told the peer `doc-unavailable` (once).
+    pub told_unavailable: bool,
+    pub status: PeerSyncStatus,
+    storage: Option<StorageId>,
+    saved_shared_heads: Vec<ChangeHash>,
+}
+
+impl PeerDoc {
+    fn new(sync: SyncState, storage: Option<StorageId>) -> Self {
+        let saved = sync.shared_heads.clone();
+        Self {
+            sync,
+            awaiting_since: None,
+            they_requested: false,
+            they_unavailable: false,
+            asked: false,
+            told_unavailable: false,
+            status: PeerSyncStatus::Syncing,
+            storage,
+            saved_shared_heads: saved,
+        }
+    }
+}
+
+pub(super) struct DocEntry {
+    pub phase: DocPhase,
+    pub doc: SharedDoc,
+    pub peers: BTreeMap<ConnId, PeerDoc>,
+    pub inbox: Vec<Inbound>,
+    /// A local handle asked for this document.
+    pub local_want: bool,
+    pub requesting_since: Millis,
+    pub last_activity: Millis,
+    /// Heads covered by the chunks emitted so far.
+    persist_heads: Vec<ChangeHash>,
+    /// Heads known durable.
+    durable_heads: Vec<ChangeHash>,
+    next_seq: u64,
+    /// Chunks on their way to disk: seq -> heads once applied.
+    in_flight: BTreeMap<u64, Vec<ChangeHash>>,
+    /// Persisted sync state per peer storage, to seed peers that connect.
+    sync_states: HashMap<StorageId, Vec<u8>>,
+}
+
+/// What a step produced, for the engine to carry out.
+#[derive(Default)]
+pub(super) struct StepOutput {
+    pub effects: Vec<Effect>,
+    pub close: Vec<(ConnId, String)>,
+    pub evict: bool,
+}
+
+fn blank(now: Millis, phase: DocPhase, doc: Automerge) -> DocEntry {
+    DocEntry {
+        phase,
+        doc: Arc::new(parking_lot::Mutex::new(doc)),
+        peers: BTreeMap::new(),
+        inbox: Vec::new(),
+        local_want: false,
+        requesting_since: now,
+        last_activity: now,
+        persist_heads: Vec::new(),
+        durable_heads: Vec::new(),
+        next_seq: 1,
+        in_flight: BTreeMap::new(),
+        sync_states: HashMap::new(),
+    }
+}
+
+impl DocEntry {
+    pub fn loading(now: Millis) -> Self {
+        blank(now, DocPhase::Loading, Automerge::new())
+    }
+
+    /// A document whose chunks up to `durable_heads` are already stored.
+    pub fn ready(
+        now: Millis,
+        doc: Automerge,
+        durable_heads: Vec<ChangeHash>,
+        sync_states: HashMap<StorageId, Vec<u8>>,
+    ) -> Self {
+        let mut d = blank(now, DocPhase::Ready, Automerge::new());
+        d.become_ready(doc, durable_heads, sync_states);
+        d
+    }
+
+    pub fn become_ready(
+        &mut self,
+        doc: Automerge,
+        durable_heads: Vec<ChangeHash>,
+        sync_states: HashMap<StorageId, Vec<u8>>,
+    ) {
+        *self.doc.lock() = doc;
+        self.persist_heads = durable_heads.clone();
+        self.durable_heads = durable_heads;
+        self.sync_states = sync_states;
+        self.phase = DocPhase::Ready;
+    }
+
+    pub fn has_content(&self) -> bool {
+        !self.doc.lock().get_heads().is_empty()
+    }
+
+    pub fn add_peer(&mut self, conn: ConnId, storage: Option<&StorageId>) {
+        let sync = self.seed_state(storage);
+        self.peers
+            .insert(conn, PeerDoc::new(sync, storage.cloned()));
+    }
+
+    /// After a load, replace a peer's fresh state with what we persisted for its storage.
+    pub fn reseed_peer(&mut self, conn: ConnId, storage: Option<&StorageId>) {
+        let sync = self.seed_state(storage);
+        if let Some(p) = self.peers.get_mut(&conn) {
+            if p.sync.shared_heads.is_empty() && !sync.shared_heads.is_empty() {
+                p.saved_shared_heads = sync.shared_heads.clone();
+                p.sync = sync;
+            }
+        }
+    }
+
+    /// Sync state for a connecting peer: only the shared heads survive a reconnect
+    /// (`State::encode` keeps nothing else), so whatever was lost in flight is re-sent.
+    fn seed_state(&self, storage: Option<&StorageId>) -> SyncState {
+        storage
+            .and_then(|s| self.sync_states.get(s))
+            .and_then(|b| SyncState::decode(b).ok())
+            .unwrap_or_default()
+    }
+
+    /// Record a storage answer; true when the document should be stepped.
+    pub fn persisted(&mut self, seq: u64, ok: bool) -> bool {
+        let Some(heads) = self.in_flight.remove(&seq) else {
+            return false;
+        };
+        if ok {
+            if self.in_flight.keys().all(|s| *s > seq) {
+                self.durable_heads = heads;
+            }
+        } else {
+            // Write everything from the last durable point again on the next step.
+            self.in_flight.clear();
+            self.persist_heads = self.durable_heads.clone();
+        }
+        true
+    }
+
+    fn gated(&self, config: &EngineConfig) -> bool {
+        config.durable_before_send && !self.in_flight.is_empty()
+    }
+
+    pub fn next_deadline(&self, config: &EngineConfig) -> Option<Millis> {
+        let mut t: Option<Millis> = None;
+        let mut at = |m: Millis| t = Some(t.map_or(m, |x| x.min(m)));
+        if self.phase == DocPhase::Requesting && self.peers.values().any(|p| p.they_requested) {
+            at(self.requesting_since.plus(config.request_grace_ms));
+        }
+        for p in self.peers.values() {
+            if let Some(s) = p.awaiting_since {
+                at(s.plus(config.max_hold_ms));
+            }
+        }
+        if self.peers.is_empty()
+            && self.inbox.is_empty()
+            && self.in_flight.is_empty()
+            && self.phase != DocPhase::Loading
+        {
+            at(self.last_activity.plus(config.evict_idle_ms));
+        }
+        t
+    }
+
+    pub fn step(
+        &mut self,
+        now: Millis,
+        id: DocumentId,
+        config: &EngineConfig,
+        peer_ids: &HashMap<ConnId, PeerId>,
+        out: &mut StepOutput,
+    ) {
+        if self.phase == DocPhase::Loading {
+            return;
+        }
+        if !self.gated(config) {
+            self.apply_inbox(id, out);
+            self.persist(id, out);
+        }
+        if self.phase != DocPhase::Ready && self.has_content() {
+            self.phase = DocPhase::Ready;
+            out.effects.push(Effect::Event(Event::DocReady { doc: id }));
+        }
+        if self.phase == DocPhase::Requesting {
+            self.check_unavailable(now, id, config, peer_ids, out);
+        }
+        if !self.gated(config) {
+            self.send(now, id, config, peer_ids, out);
+        }
+        self.report(id, peer_ids, out);
+        self.check_evict(now, config, out);
+    }
+
+    /// Apply every queued message's changes in one call, then run each message's
+    /// bookkeeping without its changes.
+    fn apply_inbox(&mut self, id: DocumentId, out: &mut StepOutput) {
+        if self.inbox.is_empty() {
+            return;
+        }
+        let inbox = std::mem::take(&mut self.inbox);
+        let mut decoded: Vec<(ConnId, SyncMessage)> = Vec::with_capacity(inbox.len());
+        for m in inbox {
+            if !self.peers.contains_key(&m.conn) {
+                continue;
+            }
+            match SyncMessage::decode(&m.data) {
+                Ok(msg) => decoded.push((m.conn, msg)),
+                Err(e) => {
+                    let error = EngineError::BadSyncMessage {
+                        doc: id,
+                        reason: e.to_string(),
+                    };
+                    out.close.push((m.conn, error.to_string()));
+                    out.effects.push(Effect::Event(Event::PeerError {
+                        conn: m.conn,
+                        error,
+                    }));
+                }
+            }
+        }
+        let mut all = Vec::new();
+        let mut ranges: Vec<(ConnId, std::ops::Range<usize>)> = Vec::new();
+        for (conn, msg) in decoded.iter_mut() {
+            if msg.changes.is_empty() {
+                continue;
+            }
+            let changes = std::mem::replace(&mut msg.changes, ChunkList::empty());
+            if self.peers.get(conn).is_some_and(|p| p.sync.read_only) {
+                continue;
+            }
+            let start = all.len();
+            for c in changes.iter() {
+                all.extend_from_slice(c);
+            }
+            ranges.push((*conn, start..all.len()));
+        }
+        let mut doc = self.doc.lock();
+        let mut bad: Vec<ConnId> = Vec::new();
+        if !all.is_empty() && doc.load_incremental(&all).is_err() {
+            // Find the culprit(s); whatever is valid is applied (changes are idempotent).
+            for (conn, r) in &ranges {
+                if let Err(e) = doc.load_incremental(&all[r.clone()]) {
+                    if !bad.contains(conn) {
+                        bad.push(*conn);
+                        let error = EngineError::BadChanges {
+                            doc: id,
+                            reason: e.to_string(),
+                        };
+                        out.close.push((*conn, error.to_string()));
+                        out.effects
+                            .push(Effect::Event(Event::PeerError { conn: *conn, error }));
+                    }
+                }
+            }
+        }
+        for (conn, msg) in decoded {
+            if bad.contains(&conn) {
+                continue;
+            }
+            let Some(p) = self.peers.get_mut(&conn) else {
+                continue;
+            };
+            if let Err(e) = doc.receive_sync_message(&mut p.sync, msg) {
+                let error = EngineError::BadSyncMessage {
+                    doc: id,
+                    reason: e.to_string(),
+                };
+                out.close.push((conn, error.to_string()));
+                out.effects
+                    .push(Effect::Event(Event::PeerError { conn, error }));
+            }
+        }
+    }
+
+    /// Emit the changes not yet on their way to disk as one chunk.
+    fn persist(&mut self, id: DocumentId, out: &mut StepOutput) {
+        let doc = self.doc.lock();
+        let heads = doc.get_heads();
+        if heads == self.persist_heads || heads.is_empty() {
+            return;
+        }
+        let snapshot = self.persist_heads.is_empty();
+        let chunk = if snapshot {
+            doc.save()
+        } else {
+            doc.save_after(&self.persist_heads)
+        };
+        drop(doc);
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.in_flight.insert(seq, heads.clone());
+        self.persist_heads = heads.clone();
+        out.effects.push(Effect::Persist {
+            doc: id,
+            seq,
+            chunk,
+            heads: heads.clone(),
+            snapshot,
+        });
+        out.effects.push(Effect::Event(Event::DocChanged {
+            doc: id,
+            heads,
+            remote: true,
+        }));
+    }
+
+    fn check_unavailable(
+        &mut self,
+        now: Millis,
+        id: DocumentId,
+        config: &EngineConfig,
+        peer_ids: &HashMap<ConnId, PeerId>,
+        out: &mut StepOutput,
+    ) {
+        let asked: Vec<&PeerDoc> = self.peers.values().filter(|p| p.asked).collect();
+        let all_said_no = !asked.is_empty() && asked.iter().all(|p| p.they_unavailable);
+        let requesters = self.peers.values().any(|p| p.they_requested);
+        let grace_over = asked.is_empty()
+            && requesters
+            && now.saturating_sub(self.requesting_since) >= config.request_grace_ms;
+        if !(all_said_no || grace_over) {
+            return;
+        }
+        self.phase = DocPhase::Unavailable;
+        out.effects
+            .push(Effect::Event(Event::DocUnavailable { doc: id }));
+        for (conn, p) in self.peers.iter_mut() {
+            if p.they_requested && !p.told_unavailable {
+                p.told_unavailable = true;
+                if let Some(target) = peer_ids.get(conn) {
+                    out.effects.push(Effect::Send {
+                        conn: *conn,
+                        msg: Message::DocUnavailable {
+                            sender_id: config.peer_id.clone(),
+                            target_id: target.clone(),
+                            document_id: id,
+                        },
+                    });
+                }
+            }
+        }
+    }
+
+    fn send(
+        &mut self,
+        now: Millis,
+        id: DocumentId,
+        config: &EngineConfig,
+        peer_ids: &HashMap<ConnId, PeerId>,
+        out: &mut StepOutput,
+    ) {
+        if self.phase == DocPhase::Unavailable || self.phase == DocPhase::Loading {
+            return;
+        }
+        let doc = self.doc.lock();
+        let empty = doc.get_heads().is_empty();
+        for (conn, p) in self.peers.iter_mut() {
+            let Some(target) = peer_ids.get(conn) else {
+                continue;
+            };
+            let offers = p.sync.their_heads.as_ref().is_some_and(|h| !h.is_empty());
+            if empty && !p.asked && !offers {
+                // We have nothing to give: talk only to peers we ask, or that offer it.
+                continue;
+            }
+            if let Some(since) = p.awaiting_since {
+                if now.saturating_sub(since) < config.max_hold_ms {
+                    continue;
+                }
+                p.awaiting_since = None;
+            }
+            let Some(msg) = doc.generate_sync_message(&mut p.sync) else {
+                continue;
+            };
+            if !msg.changes.is_empty() {
+                p.awaiting_since = Some(now);
+            }
+            let data = msg.encode();
+            let msg = if empty {
+                Message::Request {
+                    sender_id: config.peer_id.clone(),
+                    target_id: target.clone(),
+                    document_id: id,
+                    data,
+                }
+            } else {
+                Message::Sync {
+                    sender_id: config.peer_id.clone(),
+                    target_id: target.clone(),
+                    document_id: id,
+                    data,
+                }
+            };
+            out.effects.push(Effect::Send { conn: *conn, msg });
+        }
+    }
+
+    /// Sync status events and sync state worth persisting.
+    fn report(&mut self, id: DocumentId, peer_ids: &HashMap<ConnId, PeerId>, out: &mut StepOutput) {
+        let heads = self.doc.lock().get_heads();
+        let busy = !self.inbox.is_empty() || !self.in_flight.is_empty();
+        for (conn, p) in self.peers.iter_mut() {
+            let Some(peer) = peer_ids.get(conn) else {
+                continue;
+            };
+            let synced =
+                !busy && p.awaiting_since.is_none() && p.sync.their_heads.as_ref() == Some(&heads);
+            let status = if synced {
+                PeerSyncStatus::Synced
+            } else {
+                PeerSyncStatus::Syncing
+            };
+            if status != p.status {
+                p.status = status;
+                out.effects.push(Effect::Event(Event::SyncStatus {
+                    doc: id,
+                    peer: peer.clone(),
+                    status,
+                }));
+            }
+            if let Some(storage) = &p.storage {
+                if p.sync.shared_heads != p.saved_shared_heads && !p.sync.shared_heads.is_empty() {
+                    p.saved_shared_heads = p.sync.shared_heads.clone();
+                    let state = p.sync.encode();
+                    self.sync_states.insert(storage.clone(), state.clone());
+                    out.effects.push(Effect::SaveSyncState {
+                        doc: id,
+                        storage_id: storage.clone(),
+                        state,
+                    });
+                }
+            }
+        }
+    }
+
+    fn check_evict(&mut self, now: Millis, config: &EngineConfig, out: &mut StepOutput) {
+        let idle = self.peers.is_empty() && self.inbox.is_empty() && self.in_flight.is_empty();
+        if !idle || now.saturating_sub(self.last_activity) < config.evict_idle_ms {
+            return;
+        }
+        if Arc::strong_count(&self.doc) > 1 {
+            // A handle is alive: look again after another idle period.
+            self.last_activity = now;
+            return;
+        }
+        if self.persist_heads != self.doc.lock().get_heads() {
+            return;
+        }
+        out.evict = true;
+    }
+}

@@ -1,0 +1,228 @@
+//! The engine's vocabulary: inputs, effects, events, configuration and time.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use automerge::{Automerge, ChangeHash};
+
+use crate::id::{DocumentId, PeerId, StorageId};
+use crate::net::{ConnId, Direction};
+use crate::protocol::{Message, PeerMetadata};
+
+use super::doc::PeerSyncStatus;
+
+/// A document shared between the engine and the handles that read and change it.
+/// Locks are per document: reading one note never waits for another.
+pub type SharedDoc = Arc<parking_lot::Mutex<Automerge>>;
+
+/// Milliseconds on the runtime's monotonic clock (the simulator uses virtual time).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Millis(pub u64);
+
+impl Millis {
+    pub fn saturating_sub(self, other: Millis) -> u64 {
+        self.0.saturating_sub(other.0)
+    }
+    pub fn plus(self, ms: u64) -> Millis {
+        Millis(self.0.saturating_add(ms))
+    }
+}
+
+/// How this engine behaves.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub peer_id: PeerId,
+    /// Our durable storage's id, told to peers so they can persist sync state for us.
+    pub storage_id: Option<StorageId>,
+    pub is_ephemeral: bool,
+    /// Peers announce their loaded documents to new connections; a relay does not (it
+    /// serves what is asked for by id).
+    pub announce: bool,
+    /// The session id on ephemeral messages we originate.
+    pub session_id: String,
+    /// A peer that has not answered our last message carrying changes gets nothing new
+    /// until it answers or this much time passes; then it gets one message with
+    /// everything new.
+    pub max_hold_ms: u64,
+    /// How long a `request` for a document nobody has waits before `doc-unavailable`
+    /// (another peer may be uploading it right now).
+    pub request_grace_ms: u64,
+    /// A document with no live handle, no peer and nothing unsaved is evicted from memory
+    /// after this much idle time.
+    pub evict_idle_ms: u64,
+    /// Persist remote changes before advertising heads that include them.
+    pub durable_before_send: bool,
+}
+
+impl EngineConfig {
+    /// Defaults for an app's peer (announces its documents).
+    pub fn peer(peer_id: PeerId, storage_id: Option<StorageId>) -> Self {
+        Self {
+            session_id: format!("{}-session", peer_id.as_str()),
+            peer_id,
+            storage_id,
+            is_ephemeral: false,
+            announce: true,
+            max_hold_ms: 1_000,
+            request_grace_ms: 5_000,
+            evict_idle_ms: 30_000,
+            durable_before_send: true,
+        }
+    }
+
+    /// Defaults for a relay (never announces).
+    pub fn relay(peer_id: PeerId, storage_id: Option<StorageId>) -> Self {
+        Self {
+            announce: false,
+            ..Self::peer(peer_id, storage_id)
+        }
+    }
+}
+
+/// A document as storage returns it.
+#[derive(Debug)]
+pub struct Loaded {
+    pub doc: Automerge,
+    /// Persisted sync state per peer storage id (`sync::State::encode`).
+    pub sync_states: HashMap<StorageId, Vec<u8>>,
+}
+
+/// What the outside world tells the engine.
+#[derive(Debug)]
+pub enum Input {
+    ConnOpened {
+        conn: ConnId,
+        direction: Direction,
+    },
+    ConnClosed {
+        conn: ConnId,
+    },
+    Received {
+        conn: ConnId,
+        msg: Message,
+    },
+    /// A handle committed changes to the shared document.
+    LocalChange {
+        doc: DocumentId,
+    },
+    /// A new document (created or imported locally); the engine persists all of it.
+    Create {
+        doc: DocumentId,
+        automerge: Automerge,
+    },
+    /// A handle wants this document: load it, or ask peers for it.
+    Find {
+        doc: DocumentId,
+    },
+    /// The answer to [`Effect::Load`]; `None` = not in storage.
+    Loaded {
+        doc: DocumentId,
+        loaded: Option<Loaded>,
+    },
+    /// The answer to [`Effect::Persist`].
+    Persisted {
+        doc: DocumentId,
+        seq: u64,
+        ok: bool,
+    },
+    /// Send an ephemeral payload (CBOR) to the document's peers.
+    Broadcast {
+        doc: DocumentId,
+        data: Vec<u8>,
+    },
+    /// Drop a document from memory (it was deleted).
+    Forget {
+        doc: DocumentId,
+    },
+    /// Time passed; do what is due (see [`super::Engine::next_deadline`]).
+    Tick,
+}
+
+/// What the engine asks the outside world to do.
+#[derive(Debug)]
+pub enum Effect {
+    Send {
+        conn: ConnId,
+        msg: Message,
+    },
+    Close {
+        conn: ConnId,
+        reason: String,
+    },
+    /// Load the document from storage and answer with [`Input::Loaded`].
+    Load {
+        doc: DocumentId,
+    },
+    /// Make `chunk` durable, then answer with [`Input::Persisted`]. Chunks of one document
+    /// must be written in the order they are emitted. `heads` are the document's heads once
+    /// this chunk is applied; `snapshot` says the chunk is a whole document (`save()`).
+    Persist {
+        doc: DocumentId,
+        seq: u64,
+        chunk: Vec<u8>,
+        heads: Vec<ChangeHash>,
+        snapshot: bool,
+    },
+    /// Store sync state for a peer's storage (no answer needed).
+    SaveSyncState {
+        doc: DocumentId,
+        storage_id: StorageId,
+        state: Vec<u8>,
+    },
+    Event(Event),
+}
+
+/// Things handles and apps may want to know.
+#[derive(Debug, Clone)]
+pub enum Event {
+    PeerConnected {
+        conn: ConnId,
+        peer: PeerId,
+        metadata: PeerMetadata,
+    },
+    PeerDisconnected {
+        conn: ConnId,
+        peer: PeerId,
+    },
+    DocReady {
+        doc: DocumentId,
+    },
+    DocUnavailable {
+        doc: DocumentId,
+    },
+    /// The document's heads changed through remote changes (local changes are known to the
+    /// handle that made them, but are reported here too once persisted as a chunk).
+    DocChanged {
+        doc: DocumentId,
+        heads: Vec<ChangeHash>,
+        remote: bool,
+    },
+    SyncStatus {
+        doc: DocumentId,
+        peer: PeerId,
+        status: PeerSyncStatus,
+    },
+    Ephemeral {
+        doc: DocumentId,
+        sender: PeerId,
+        data: Vec<u8>,
+    },
+    PeerError {
+        conn: ConnId,
+        error: EngineError,
+    },
+    Evicted {
+        doc: DocumentId,
+    },
+}
+
+/// Problems the engine reports (never panics for them).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    #[error("peer sent a sync message that does not decode for {doc}: {reason}")]
+    BadSyncMessage { doc: DocumentId, reason: String },
+    #[error("peer sent changes that do not apply to {doc}: {reason}")]
+    BadChanges { doc: DocumentId, reason: String },
+    #[error("peer reported an error: {0}")]
+    RemoteError(String),
+}

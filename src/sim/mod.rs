@@ -1,0 +1,737 @@
+//! A deterministic network simulator for the sans-IO engine.
+//!
+//! N peers, each an [`Engine`] with an in-memory durable store, joined by simulated
+//! connections (star through relays, or a mesh). A seeded scheduler picks what happens next:
+//! a batch of inputs handled by a peer, messages delivered after random delays, local edits
+//! (map keys, lists, text, counters, nested maps), group commits completing, connections
+//! dropped with their in-flight messages lost, partitions and heals, peers crashing (memory
+//! and unacknowledged writes lost, acknowledged chunks kept) and restarting. Then
+//! [`Sim::heal_and_settle`] reconnects everything and runs to quiescence so a test can assert
+//! that every replica converged. Same seed, same run: a failing seed replays exactly.
+//!
+//! Frames cross the simulated wire through the real codec ([`protocol::encode`] then
+//! [`protocol::decode`]), so the codec is exercised by every run.
+
+mod edits;
+
+pub use edits::{random_edit, seed_document};
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use automerge::{Automerge, ReadDoc};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::engine::{Effect, Engine, EngineConfig, Event, Input, Loaded, Millis, SharedDoc};
+use crate::id::{DocumentId, PeerId, StorageId};
+use crate::net::{ConnId, Direction};
+use crate::protocol::{self, Message};
+
+/// Shape of the simulated network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topology {
+    /// Every peer connects to one relay (which never announces).
+    Star,
+    /// Every pair of peers is connected directly.
+    Mesh,
+}
+
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub peers: usize,
+    pub docs: usize,
+    pub topology: Topology,
+    /// Maximum message delay in ms.
+    pub max_delay_ms: u64,
+    /// Number of random steps before healing.
+    pub steps: usize,
+    /// Enable faults: drops, partitions, crashes.
+    pub faults: bool,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self {
+            peers: 3,
+            docs: 2,
+            topology: Topology::Star,
+            max_delay_ms: 20,
+            steps: 300,
+            faults: true,
+        }
+    }
+}
+
+/// Durable state of one node: what survives a crash.
+#[derive(Default, Clone)]
+pub struct Disk {
+    pub chunks: BTreeMap<DocumentId, Vec<Vec<u8>>>,
+    pub sync_states: BTreeMap<(DocumentId, StorageId), Vec<u8>>,
+}
+
+impl Disk {
+    fn load(&self, doc: &DocumentId) -> Option<Loaded> {
+        let chunks = self.chunks.get(doc)?;
+        let mut am = Automerge::new();
+        for c in chunks {
+            // A chunk written by the engine always loads; if not, that is a bug to surface.
+            am.load_incremental(c).expect("stored chunk must load");
+        }
+        let sync_states = self
+            .sync_states
+            .iter()
+            .filter(|((d, _), _)| d == doc)
+            .map(|((_, s), v)| (s.clone(), v.clone()))
+            .collect();
+        Some(Loaded {
+            doc: am,
+            sync_states,
+        })
+    }
+}
+
+/// One simulated node.
+pub struct Node {
+    pub name: String,
+    pub relay: bool,
+    peer_id: PeerId,
+    storage_id: StorageId,
+    pub engine: Option<Engine>,
+    pub disk: Disk,
+    /// Writes waiting for the group commit: (doc, seq, chunk).
+    pending_writes: Vec<(DocumentId, u64, Vec<u8>)>,
+    inputs: Vec<Input>,
+    /// Documents the app on this node holds handles to.
+    pub handles: BTreeMap<DocumentId, SharedDoc>,
+    /// Documents the app wants (found or created), re-found after a restart.
+    pub wanted: BTreeSet<DocumentId>,
+    pub unavailable: BTreeSet<DocumentId>,
+}
+
+impl Node {
+    fn new_engine(&self) -> Engine {
+        let cfg = if self.relay {
+            EngineConfig::relay(self.peer_id.clone(), Some(self.storage_id.clone()))
+        } else {
+            EngineConfig::peer(self.peer_id.clone(), Some(self.storage_id.clone()))
+        };
+        Engine::new(cfg)
+    }
+}
+
+/// A simulated connection between `client` (dialer) and `server`.
+struct Link {
+    client: usize,
+    server: usize,
+    client_conn: ConnId,
+    server_conn: ConnId,
+    /// Frames in flight towards the server / the client: (deliver at, bytes).
+    to_server: VecDeque<(Millis, Vec<u8>)>,
+    to_client: VecDeque<(Millis, Vec<u8>)>,
+    up: bool,
+}
+
+pub struct Sim {
+    pub rng: StdRng,
+    pub now: Millis,
+    pub config: SimConfig,
+    pub nodes: Vec<Node>,
+    links: Vec<Link>,
+    next_conn: u64,
+    /// Pairs of nodes that cannot reach each other.
+    partitions: BTreeSet<(usize, usize)>,
+    pub docs: Vec<DocumentId>,
+    /// Human-readable trace of what happened (printed when a seed fails).
+    pub trace: Vec<String>,
+    /// Messages and bytes that crossed the wire.
+    pub messages_sent: u64,
+    pub bytes_sent: u64,
+    /// Record every message in the trace.
+    pub verbose: bool,
+}
+
+impl Sim {
+    pub fn new(seed: u64, config: SimConfig) -> Self {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut nodes = Vec::new();
+        let relays = usize::from(config.topology == Topology::Star);
+        for i in 0..config.peers + relays {
+            let relay = config.topology == Topology::Star && i == config.peers;
+            let name = if relay {
+                "relay".to_string()
+            } else {
+                format!("p{i}")
+            };
+            nodes.push(Node {
+                peer_id: PeerId::new(format!("{name}-{:x}", rng.gen::<u32>())),
+                storage_id: StorageId::from_rng(&mut rng),
+                name,
+                relay,
+                engine: None,
+                disk: Disk::default(),
+                pending_writes: Vec::new(),
+                inputs: Vec::new(),
+                handles: BTreeMap::new(),
+                wanted: BTreeSet::new(),
+                unavailable: BTreeSet::new(),
+            });
+        }
+        for n in nodes.iter_mut() {
+            n.engine = Some(n.new_engine());
+        }
+        let mut sim = Self {
+            rng,
+            now: Millis(0),
+            config,
+            nodes,
+            links: Vec::new(),
+            next_conn: 1,
+            partitions: BTreeSet::new(),
+            docs: Vec::new(),
+            trace: Vec::new(),
+            messages_sent: 0,
+            bytes_sent: 0,
+            verbose: std::env::var_os("SHEAF_SIM_VERBOSE").is_some(),
+        };
+        // Wire up the topology.
+        let peers = sim.config.peers;
+        match sim.config.topology {
+            Topology::Star => {
+                for p in 0..peers {
+                    sim.connect(p, peers);
+                }
+            }
+            Topology::Mesh => {
+                for a in 0..peers {
+                    for b in (a + 1)..peers {
+                        sim.connect(a, b);
+                    }
+                }
+            }
+        }
+        // Peer 0 creates the documents; the others look for them.
+        for _ in 0..sim.config.docs {
+            let id = DocumentId::from_rng(&mut sim.rng);
+            let doc = seed_document(&mut sim.rng);
+            sim.docs.push(id);
+            sim.create(0, id, doc);
+        }
+        // The creations are durable before anything else happens (an app awaits `saved()`).
+        sim.run_node(0);
+        sim.commit(0);
+        let docs = sim.docs.clone();
+        for p in 1..peers {
+            for d in &docs {
+                sim.find(p, *d);
+            }
+        }
+        sim
+    }
+
+    fn log(&mut self, s: String) {
+        self.trace.push(format!("[{}ms] {s}", self.now.0));
+    }
+
+    /// Make `node` create a document.
+    pub fn create(&mut self, node: usize, id: DocumentId, doc: Automerge) {
+        self.nodes[node].wanted.insert(id);
+        self.nodes[node].inputs.push(Input::Create {
+            doc: id,
+            automerge: doc,
+        });
+        self.log(format!("{} creates {id}", self.nodes[node].name));
+    }
+
+    /// Make `node`'s app look for a document.
+    pub fn find(&mut self, node: usize, id: DocumentId) {
+        self.nodes[node].wanted.insert(id);
+        self.nodes[node].inputs.push(Input::Find { doc: id });
+    }
+
+    fn connect(&mut self, client: usize, server: usize) {
+        let client_conn = ConnId(self.next_conn);
+        let server_conn = ConnId(self.next_conn + 1);
+        self.next_conn += 2;
+        self.nodes[client].inputs.push(Input::ConnOpened {
+            conn: client_conn,
+            direction: Direction::Outgoing,
+        });
+        self.nodes[server].inputs.push(Input::ConnOpened {
+            conn: server_conn,
+            direction: Direction::Incoming,
+        });
+        self.links.push(Link {
+            client,
+            server,
+            client_conn,
+            server_conn,
+            to_server: VecDeque::new(),
+            to_client: VecDeque::new(),
+            up: true,
+        });
+    }
+
+    fn partitioned(&self, a: usize, b: usize) -> bool {
+        self.partitions.contains(&(a.min(b), a.max(b)))
+    }
+
+    /// Take a link down: both ends are told, in-flight frames are lost.
+    fn drop_link(&mut self, i: usize) {
+        let l = &mut self.links[i];
+        if !l.up {
+            return;
+        }
+        l.up = false;
+        l.to_client.clear();
+        l.to_server.clear();
+        let (c, s, cc, sc) = (l.client, l.server, l.client_conn, l.server_conn);
+        if self.nodes[c].engine.is_some() {
+            self.nodes[c].inputs.push(Input::ConnClosed { conn: cc });
+        }
+        if self.nodes[s].engine.is_some() {
+            self.nodes[s].inputs.push(Input::ConnClosed { conn: sc });
+        }
+        let msg = format!(
+            "link {} - {} dropped",
+            self.nodes[c].name, self.nodes[s].name
+        );
+        self.log(msg);
+    }
+
+    /// Dialers reconnect their dropped links (unless partitioned or crashed).
+    fn reconnect_dropped(&mut self) {
+        let dropped: Vec<(usize, usize)> = self
+            .links
+            .iter()
+            .filter(|l| !l.up)
+            .map(|l| (l.client, l.server))
+            .collect();
+        self.links.retain(|l| l.up);
+        for (c, s) in dropped {
+            if self.partitioned(c, s)
+                || self.nodes[c].engine.is_none()
+                || self.nodes[s].engine.is_none()
+            {
+                // Keep a down placeholder so we retry later.
+                let cc = ConnId(self.next_conn);
+                self.next_conn += 2;
+                self.links.push(Link {
+                    client: c,
+                    server: s,
+                    client_conn: cc,
+                    server_conn: ConnId(cc.0 + 1),
+                    to_server: VecDeque::new(),
+                    to_client: VecDeque::new(),
+                    up: false,
+                });
+            } else {
+                self.connect(c, s);
+            }
+        }
+    }
+
+    fn crash(&mut self, node: usize) {
+        if self.nodes[node].engine.is_none() {
+            return;
+        }
+        for i in 0..self.links.len() {
+            let l = &self.links[i];
+            if l.client == node || l.server == node {
+                self.drop_link(i);
+            }
+        }
+        let n = &mut self.nodes[node];
+        n.engine = None;
+        n.inputs.clear();
+        n.handles.clear();
+        // Group commit is atomic per batch and ordered: a prefix of pending writes may
+        // have reached the disk before the crash; nothing acknowledged is lost.
+        let keep = self.rng.gen_range(0..=n.pending_writes.len());
+        for (doc, _, chunk) in n.pending_writes.drain(..).take(keep) {
+            n.disk.chunks.entry(doc).or_default().push(chunk);
+        }
+        let name = n.name.clone();
+        self.log(format!(
+            "{name} crashed (kept {keep} unacknowledged writes)"
+        ));
+    }
+
+    fn restart(&mut self, node: usize) {
+        if self.nodes[node].engine.is_some() {
+            return;
+        }
+        let engine = self.nodes[node].new_engine();
+        let n = &mut self.nodes[node];
+        n.engine = Some(engine);
+        let wanted: Vec<DocumentId> = n.wanted.iter().copied().collect();
+        for d in wanted {
+            n.inputs.push(Input::Find { doc: d });
+        }
+        let name = n.name.clone();
+        self.log(format!("{name} restarted"));
+    }
+
+    /// Let `node` handle every queued input as one batch.
+    fn run_node(&mut self, node: usize) -> usize {
+        let inputs = std::mem::take(&mut self.nodes[node].inputs);
+        let Some(engine) = self.nodes[node].engine.as_mut() else {
+            return 0;
+        };
+        let effects = engine.handle_batch(self.now, inputs);
+        let n = effects.len();
+        for e in effects {
+            self.apply_effect(node, e);
+        }
+        n
+    }
+
+    fn apply_effect(&mut self, node: usize, e: Effect) {
+        match e {
+            Effect::Send { conn, msg } => self.send(node, conn, &msg),
+            Effect::Close { conn, .. } => {
+                if let Some(i) = self.link_of(node, conn) {
+                    self.drop_link(i);
+                }
+            }
+            Effect::Load { doc } => {
+                let loaded = self.nodes[node].disk.load(&doc);
+                self.nodes[node].inputs.push(Input::Loaded { doc, loaded });
+            }
+            Effect::Persist {
+                doc, seq, chunk, ..
+            } => {
+                self.nodes[node].pending_writes.push((doc, seq, chunk));
+            }
+            Effect::SaveSyncState {
+                doc,
+                storage_id,
+                state,
+            } => {
+                self.nodes[node]
+                    .disk
+                    .sync_states
+                    .insert((doc, storage_id), state);
+            }
+            Effect::Event(ev) => self.event(node, ev),
+        }
+    }
+
+    fn event(&mut self, node: usize, ev: Event) {
+        match ev {
+            Event::DocReady { doc } => {
+                let n = &mut self.nodes[node];
+                n.unavailable.remove(&doc);
+                if n.wanted.contains(&doc) {
+                    if let Some(h) = n.engine.as_ref().and_then(|e| e.document(&doc)) {
+                        n.handles.insert(doc, h);
+                    }
+                }
+            }
+            Event::DocUnavailable { doc } => {
+                self.nodes[node].unavailable.insert(doc);
+            }
+            Event::PeerError { error, .. } => {
+                let msg = format!("{}: peer error {error}", self.nodes[node].name);
+                self.log(msg);
+            }
+            _ => {}
+        }
+    }
+
+    fn link_of(&self, node: usize, conn: ConnId) -> Option<usize> {
+        self.links.iter().position(|l| {
+            (l.client == node && l.client_conn == conn)
+                || (l.server == node && l.server_conn == conn)
+        })
+    }
+
+    fn send(&mut self, node: usize, conn: ConnId, msg: &Message) {
+        let Some(i) = self.link_of(node, conn) else {
+            return;
+        };
+        if !self.links[i].up {
+            return;
+        }
+        let bytes = through_wire(msg);
+        if self.verbose {
+            let line = format!(
+                "{} -> {:?}: {} {:?}",
+                self.nodes[node].name,
+                conn,
+                msg.type_name(),
+                msg.document_id()
+            );
+            self.log(line);
+        }
+        self.messages_sent += 1;
+        self.bytes_sent += bytes.len() as u64;
+        let delay = self.rng.gen_range(0..=self.config.max_delay_ms);
+        let l = &mut self.links[i];
+        // In-order stream: a frame never overtakes the one before it.
+        let queue = if l.client == node {
+            &mut l.to_server
+        } else {
+            &mut l.to_client
+        };
+        let at = queue.back().map_or(self.now.plus(delay), |(t, _)| {
+            (*t).max(self.now.plus(delay))
+        });
+        queue.push_back((at, bytes));
+    }
+
+    /// Deliver frames due on link `i`.
+    fn deliver(&mut self, i: usize, all: bool) -> usize {
+        let now = self.now;
+        let l = &mut self.links[i];
+        if !l.up {
+            return 0;
+        }
+        let mut delivered = Vec::new();
+        for (to_server, q) in [(true, &mut l.to_server), (false, &mut l.to_client)] {
+            while let Some((t, _)) = q.front() {
+                if !all && *t > now {
+                    break;
+                }
+                let (_, bytes) = q.pop_front().expect("front exists");
+                delivered.push((to_server, bytes));
+            }
+        }
+        let (c, s, cc, sc) = (l.client, l.server, l.client_conn, l.server_conn);
+        let n = delivered.len();
+        for (to_server, bytes) in delivered {
+            let (node, conn) = if to_server { (s, sc) } else { (c, cc) };
+            let msg = from_wire(&bytes);
+            self.nodes[node].inputs.push(Input::Received { conn, msg });
+        }
+        n
+    }
+
+    /// Complete the group commit on `node`: acknowledge its pending writes.
+    fn commit(&mut self, node: usize) {
+        let n = &mut self.nodes[node];
+        if n.engine.is_none() {
+            return;
+        }
+        for (doc, seq, chunk) in n.pending_writes.drain(..) {
+            n.disk.chunks.entry(doc).or_default().push(chunk);
+            n.inputs.push(Input::Persisted { doc, seq, ok: true });
+        }
+    }
+
+    /// One random step.
+    pub fn step(&mut self) {
+        let roll = self.rng.gen_range(0..100u32);
+        let nodes = self.nodes.len();
+        match roll {
+            0..=29 => {
+                let node = self.rng.gen_range(0..nodes);
+                self.run_node(node);
+            }
+            30..=54 => {
+                if !self.links.is_empty() {
+                    let i = self.rng.gen_range(0..self.links.len());
+                    self.deliver(i, false);
+                }
+            }
+            55..=74 => {
+                let node = self.rng.gen_range(0..self.config.peers);
+                self.local_edit(node);
+            }
+            75..=84 => {
+                let node = self.rng.gen_range(0..nodes);
+                self.commit(node);
+            }
+            85..=91 => {
+                self.now = self
+                    .now
+                    .plus(self.rng.gen_range(1..=self.config.max_delay_ms.max(1)));
+                let node = self.rng.gen_range(0..nodes);
+                self.nodes[node].inputs.push(Input::Tick);
+            }
+            _ if !self.config.faults => {}
+            92..=94 => {
+                if !self.links.is_empty() {
+                    let i = self.rng.gen_range(0..self.links.len());
+                    self.drop_link(i);
+                }
+            }
+            95 => {
+                let a = self.rng.gen_range(0..nodes);
+                let b = self.rng.gen_range(0..nodes);
+                if a != b {
+                    self.partitions.insert((a.min(b), a.max(b)));
+                    for i in 0..self.links.len() {
+                        let l = &self.links[i];
+                        if (l.client == a && l.server == b) || (l.client == b && l.server == a) {
+                            self.drop_link(i);
+                        }
+                    }
+                    let msg = format!("partition {} | {}", self.nodes[a].name, self.nodes[b].name);
+                    self.log(msg);
+                }
+            }
+            96 => {
+                self.partitions.clear();
+                self.reconnect_dropped();
+                self.log("heal partitions".into());
+            }
+            97 => {
+                let node = self.rng.gen_range(0..nodes);
+                self.crash(node);
+            }
+            98 => {
+                for node in 0..nodes {
+                    self.restart(node);
+                }
+                self.reconnect_dropped();
+            }
+            _ => self.reconnect_dropped(),
+        }
+    }
+
+    /// A random local edit through a handle the app on `node` holds.
+    pub fn local_edit(&mut self, node: usize) {
+        let n = &self.nodes[node];
+        if n.handles.is_empty() || n.engine.is_none() {
+            return;
+        }
+        let k = self.rng.gen_range(0..n.handles.len());
+        let (id, h) = n
+            .handles
+            .iter()
+            .nth(k)
+            .map(|(i, h)| (*i, h.clone()))
+            .expect("k < len");
+        let desc = {
+            let mut doc = h.lock();
+            random_edit(&mut doc, &mut self.rng)
+        };
+        self.nodes[node].inputs.push(Input::LocalChange { doc: id });
+        let msg = format!("{} edits {id}: {desc}", self.nodes[node].name);
+        self.log(msg);
+    }
+
+    /// Run `config.steps` random steps.
+    pub fn run(&mut self) {
+        for _ in 0..self.config.steps {
+            self.step();
+        }
+    }
+
+    /// Heal every fault, restart crashed nodes, reconnect, and run to quiescence.
+    pub fn heal_and_settle(&mut self) -> Result<(), String> {
+        self.partitions.clear();
+        for node in 0..self.nodes.len() {
+            self.restart(node);
+        }
+        self.reconnect_dropped();
+        for round in 0..20_000 {
+            let mut busy = 0;
+            for node in 0..self.nodes.len() {
+                self.commit(node);
+                if !self.nodes[node].inputs.is_empty() {
+                    busy += 1;
+                    self.run_node(node);
+                }
+            }
+            for i in 0..self.links.len() {
+                busy += self.deliver(i, true);
+            }
+            if busy == 0 {
+                let pending = self
+                    .nodes
+                    .iter()
+                    .any(|n| !n.pending_writes.is_empty() || !n.inputs.is_empty());
+                if pending {
+                    continue;
+                }
+                // Quiet: let held messages go (max_hold) and request grace periods pass.
+                let wait = self
+                    .nodes
+                    .iter()
+                    .filter_map(|n| n.engine.as_ref())
+                    .map(|e| e.config().max_hold_ms.max(e.config().request_grace_ms))
+                    .max()
+                    .unwrap_or(0);
+                let before = self.messages_sent;
+                self.now = self.now.plus(wait + 1);
+                for node in 0..self.nodes.len() {
+                    if self.nodes[node].engine.is_some() {
+                        self.nodes[node].inputs.push(Input::Tick);
+                        self.run_node(node);
+                    }
+                }
+                if self.messages_sent == before && self.nodes.iter().all(|n| n.inputs.is_empty()) {
+                    return Ok(());
+                }
+            }
+            if round == 19_999 {
+                return Err("did not settle within 20000 rounds".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Every peer's copy of every document: identical heads and identical content.
+    pub fn check_converged(&self) -> Result<(), String> {
+        for d in &self.docs {
+            let mut reference: Option<(String, Vec<automerge::ChangeHash>, serde_json::Value)> =
+                None;
+            for n in self.nodes.iter().filter(|n| !n.relay) {
+                let Some(h) = n.handles.get(d) else {
+                    return Err(format!(
+                        "{} has no handle for {d} (unavailable: {})",
+                        n.name,
+                        n.unavailable.contains(d)
+                    ));
+                };
+                let doc = h.lock();
+                let heads = doc.get_heads();
+                let json = serde_json::to_value(automerge::AutoSerde::from(&*doc))
+                    .map_err(|e| e.to_string())?;
+                match &reference {
+                    None => reference = Some((n.name.clone(), heads, json)),
+                    Some((name, rh, rj)) => {
+                        if *rh != heads {
+                            return Err(format!("{d}: heads differ between {name} and {}", n.name));
+                        }
+                        if *rj != json {
+                            return Err(format!(
+                                "{d}: content differs between {name} and {}: {rj} vs {json}",
+                                n.name
+                            ));
+                        }
+                    }
+                }
+            }
+            // The relay stored everything too.
+            for n in self.nodes.iter().filter(|n| n.relay) {
+                if let Some(l) = n.disk.load(d) {
+                    let rh = reference.as_ref().map(|r| r.1.clone()).unwrap_or_default();
+                    if l.doc.get_heads() != rh {
+                        return Err(format!("{d}: relay's stored copy is behind"));
+                    }
+                } else {
+                    return Err(format!("{d}: relay stored nothing"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The text of `doc` on `node`, if it has one under the key `text`.
+    pub fn text(&self, node: usize, doc: &DocumentId) -> Option<String> {
+        let h = self.nodes[node].handles.get(doc)?;
+        let d = h.lock();
+        let (_, obj) = d.get(automerge::ROOT, "text").ok()??;
+        d.text(&obj).ok()
+    }
+}
+
+fn through_wire(msg: &Message) -> Vec<u8> {
+    protocol::encode(msg)
+}
+
+fn from_wire(bytes: &[u8]) -> Message {
+    protocol::decode(bytes).expect("frames we encoded must decode")
+}
