@@ -14,6 +14,7 @@
 //!   with reconnect and backoff ([`net::client`]).
 //! - [`relay`]: the WebSocket server: `run(listener, hub, config, shutdown)`, the per-socket
 //!   loop (limits, keepalive, close codes), `/health` and Prometheus `/metrics`.
+//! - [`repo`]: the runtime: [`Repo`] (store + engine thread + sockets) and [`DocHandle`].
 //! - [`sim`]: the deterministic network simulator (tests, fuzzing).
 //! - [`error`]: the crate's top-level error.
 
@@ -23,8 +24,10 @@ pub mod id;
 pub mod net;
 pub mod protocol;
 pub mod relay;
+pub mod repo;
 pub mod sim;
 pub mod store;
 
 pub use error::Error;
 pub use id::{AutomergeUrl, DocumentId, PeerId, StorageId};
+pub use repo::{DocHandle, Repo, RepoConfig, RepoError};

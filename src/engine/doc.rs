@@ -237,8 +237,10 @@ impl DocEntry {
         }
         if !self.gated(config) {
             self.apply_inbox(id, out);
-            self.persist(id, out);
         }
+        // Local changes are written even while a chunk is on its way: waiting would only
+        // delay `saved()`; the store writes a document's chunks in order.
+        self.persist(id, out);
         if self.phase != DocPhase::Ready && self.has_content() {
             self.phase = DocPhase::Ready;
             out.effects.push(Effect::Event(Event::DocReady { doc: id }));

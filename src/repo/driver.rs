@@ -1,0 +1,474 @@
+//! The driver thread: drains the command channel into engine batches and carries out the
+//! effects (sockets, store, handle notifications).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use automerge::Automerge;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::engine::{Effect, Engine, EngineConfig, Event, Input, Loaded, Millis, SharedDoc};
+use crate::id::DocumentId;
+use crate::net::{ConnId, Direction, Outgoing};
+use crate::store::{Store, WriteOp};
+
+use super::{Inner, RepoError, SaveState};
+
+/// Most commands taken into one batch (bounds the latency of a batch under a flood).
+const MAX_BATCH: usize = 8192;
+
+type DocReply = oneshot::Sender<Result<SharedDoc, RepoError>>;
+
+pub(crate) enum Cmd {
+    Input(Input),
+    Connect {
+        conn: ConnId,
+        direction: Direction,
+        tx: mpsc::Sender<Outgoing>,
+    },
+    Create {
+        id: DocumentId,
+        doc: Automerge,
+        reply: DocReply,
+    },
+    Find {
+        id: DocumentId,
+        reply: DocReply,
+    },
+    WaitSaved {
+        id: DocumentId,
+        reply: oneshot::Sender<Result<(), RepoError>>,
+    },
+    Flush {
+        reply: oneshot::Sender<Result<(), RepoError>>,
+    },
+    Loaded {
+        reply: oneshot::Sender<usize>,
+    },
+    Stop {
+        reply: std::sync::mpsc::SyncSender<()>,
+    },
+    Shutdown,
+}
+
+pub(super) fn spawn(
+    inner: Weak<Inner>,
+    config: EngineConfig,
+    rx: Receiver<Cmd>,
+) -> std::thread::JoinHandle<()> {
+    let (store, tx) = {
+        let i = inner.upgrade().expect("spawned from a live repo");
+        (i.store.clone(), i.tx.clone())
+    };
+    let loader = spawn_loader(store.clone(), tx.clone());
+    std::thread::Builder::new()
+        .name("sheaf-driver".into())
+        .spawn(move || {
+            let mut d = Driver {
+                engine: Engine::new(config),
+                inner,
+                tx,
+                store,
+                loader,
+                start: Instant::now(),
+                conns: HashMap::new(),
+                finds: HashMap::new(),
+                emitted: HashMap::new(),
+                durable: HashMap::new(),
+                save_waiters: HashMap::new(),
+                compacting: Arc::new(parking_lot::Mutex::new(HashSet::new())),
+                carry: Vec::new(),
+            };
+            d.run(rx);
+        })
+        .expect("spawn the driver thread")
+}
+
+/// Loads run off the driver thread: a big document takes a while to load.
+fn spawn_loader(store: Store, tx: Sender<Cmd>) -> Sender<DocumentId> {
+    let (ltx, lrx) = std::sync::mpsc::channel::<DocumentId>();
+    std::thread::Builder::new()
+        .name("sheaf-loader".into())
+        .spawn(move || {
+            while let Ok(doc) = lrx.recv() {
+                let loaded = match store.load(&doc) {
+                    Ok(Some(l)) => {
+                        for c in &l.corrupt {
+                            tracing::warn!(%doc, key = ?c.key, reason = ?c.reason, "corrupt chunk quarantined");
+                        }
+                        Some(Loaded { doc: l.doc, sync_states: l.sync_states })
+                    }
+                    Ok(None) => None,
+                    Err(e) => {
+                        tracing::error!(%doc, error = %e, "loading failed; treating the document as absent");
+                        None
+                    }
+                };
+                if tx.send(Cmd::Input(Input::Loaded { doc, loaded })).is_err() {
+                    break;
+                }
+            }
+        })
+        .expect("spawn the loader thread");
+    ltx
+}
+
+struct Driver {
+    engine: Engine,
+    inner: Weak<Inner>,
+    tx: Sender<Cmd>,
+    store: Store,
+    loader: Sender<DocumentId>,
+    start: Instant,
+    conns: HashMap<ConnId, mpsc::Sender<Outgoing>>,
+    finds: HashMap<DocumentId, Vec<DocReply>>,
+    /// Last chunk sequence emitted / acknowledged durable, per document.
+    emitted: HashMap<DocumentId, u64>,
+    durable: HashMap<DocumentId, u64>,
+    save_waiters: HashMap<DocumentId, Vec<(u64, oneshot::Sender<Result<(), RepoError>>)>>,
+    compacting: Arc<parking_lot::Mutex<HashSet<DocumentId>>>,
+    /// Inputs produced while carrying out effects, for the next batch.
+    carry: Vec<Input>,
+}
+
+impl Driver {
+    fn now(&self) -> Millis {
+        Millis(self.start.elapsed().as_millis() as u64)
+    }
+
+    fn run(&mut self, rx: Receiver<Cmd>) {
+        let mut stop: Option<std::sync::mpsc::SyncSender<()>> = None;
+        let mut running = true;
+        while running {
+            let now = self.now();
+            let wait = match self.engine.next_deadline() {
+                _ if !self.carry.is_empty() => 0,
+                Some(t) => t.0.saturating_sub(now.0).clamp(1, 60_000),
+                None => 60_000,
+            };
+            let mut cmds = Vec::new();
+            match rx.recv_timeout(Duration::from_millis(wait)) {
+                Ok(c) => cmds.push(c),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            while cmds.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(c) => cmds.push(c),
+                    Err(_) => break,
+                }
+            }
+            let mut inputs = std::mem::take(&mut self.carry);
+            let mut after = Vec::new();
+            let mut creates = Vec::new();
+            for c in cmds {
+                match c {
+                    Cmd::Input(i) => {
+                        if let Input::Persisted { doc, seq, ok: true } = &i {
+                            self.durable.insert(*doc, *seq);
+                            self.maybe_compact(*doc);
+                        }
+                        inputs.push(i)
+                    }
+                    Cmd::Connect {
+                        conn,
+                        direction,
+                        tx,
+                    } => {
+                        self.conns.insert(conn, tx);
+                        inputs.push(Input::ConnOpened { conn, direction });
+                    }
+                    Cmd::Create { id, doc, reply } => {
+                        creates.push((id, reply));
+                        inputs.push(Input::Create {
+                            doc: id,
+                            automerge: doc,
+                        });
+                    }
+                    Cmd::Find { id, reply } => {
+                        self.finds.entry(id).or_default().push(reply);
+                        inputs.push(Input::Find { doc: id });
+                    }
+                    Cmd::Stop { reply } => {
+                        stop = Some(reply);
+                        running = false;
+                    }
+                    Cmd::Shutdown => running = false,
+                    other => after.push(other),
+                }
+            }
+            let now = self.now();
+            if self.engine.next_deadline().is_some_and(|t| t <= now) {
+                inputs.push(Input::Tick);
+            }
+            let effects = self.engine.handle_batch(now, inputs);
+            for e in effects {
+                self.effect(e);
+            }
+            for (id, reply) in creates {
+                let _ = reply.send(self.engine.document(&id).ok_or(RepoError::Closed));
+            }
+            for c in after {
+                self.after_batch(c);
+            }
+            self.publish_save_states();
+        }
+        // Shutting down: close sockets, write everything out, fail what still waits.
+        for (_, tx) in self.conns.drain() {
+            let _ = tx.try_send(Outgoing::Close("shutting down".into()));
+        }
+        if let Err(e) = self.store.flush_blocking() {
+            tracing::error!(error = %e, "flush at shutdown failed");
+        }
+        for (_, ws) in self.finds.drain() {
+            for w in ws {
+                let _ = w.send(Err(RepoError::Closed));
+            }
+        }
+        if let Some(s) = stop {
+            let _ = s.send(());
+        }
+    }
+
+    fn after_batch(&mut self, c: Cmd) {
+        match c {
+            Cmd::WaitSaved { id, reply } => {
+                let target = self.emitted.get(&id).copied().unwrap_or(0);
+                if self.durable.get(&id).copied().unwrap_or(0) >= target {
+                    let _ = reply.send(Ok(()));
+                } else {
+                    self.save_waiters
+                        .entry(id)
+                        .or_default()
+                        .push((target, reply));
+                }
+            }
+            Cmd::Flush { reply } => {
+                // Everything emitted so far is queued in the store before this empty write.
+                self.store.write(Vec::new(), move |r| {
+                    let _ = reply.send(r.map_err(RepoError::from));
+                });
+            }
+            Cmd::Loaded { reply } => {
+                let _ = reply.send(self.engine.loaded_count());
+            }
+            _ => {}
+        }
+    }
+
+    fn effect(&mut self, e: Effect) {
+        match e {
+            Effect::Send { conn, msg } => {
+                let Some(tx) = self.conns.get(&conn) else {
+                    return;
+                };
+                match tx.try_send(Outgoing::Send(msg)) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        tracing::warn!(?conn, "peer is not reading fast enough; disconnecting it");
+                        self.conns.remove(&conn);
+                        self.carry.push(Input::ConnClosed { conn });
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        self.conns.remove(&conn);
+                    }
+                }
+            }
+            Effect::Close { conn, reason } => {
+                if let Some(tx) = self.conns.remove(&conn) {
+                    let _ = tx.try_send(Outgoing::Close(reason));
+                }
+            }
+            Effect::Load { doc } => {
+                if self.loader.send(doc).is_err() {
+                    self.carry.push(Input::Loaded { doc, loaded: None });
+                }
+            }
+            Effect::Persist {
+                doc,
+                seq,
+                chunk,
+                snapshot,
+                ..
+            } => {
+                self.emitted.insert(doc, seq);
+                let op = if snapshot {
+                    WriteOp::Compact {
+                        doc,
+                        snapshot: chunk,
+                    }
+                } else {
+                    WriteOp::AppendChunk { doc, bytes: chunk }
+                };
+                let tx = self.tx.clone();
+                self.store.write(vec![op], move |r| {
+                    if let Err(e) = &r {
+                        tracing::error!(%doc, error = %e, "persisting a chunk failed");
+                    }
+                    let _ = tx.send(Cmd::Input(Input::Persisted {
+                        doc,
+                        seq,
+                        ok: r.is_ok(),
+                    }));
+                });
+            }
+            Effect::SaveSyncState {
+                doc,
+                storage_id,
+                state,
+            } => {
+                self.store.write(
+                    vec![WriteOp::PutSyncState {
+                        doc,
+                        storage_id,
+                        bytes: state,
+                    }],
+                    |r| {
+                        if let Err(e) = r {
+                            tracing::warn!(error = %e, "persisting sync state failed");
+                        }
+                    },
+                );
+            }
+            Effect::Event(ev) => self.event(ev),
+        }
+    }
+
+    fn event(&mut self, ev: Event) {
+        let Some(inner) = self.inner.upgrade() else {
+            return;
+        };
+        match ev {
+            Event::PeerConnected { .. } | Event::PeerDisconnected { .. } => {
+                let peers = self
+                    .engine
+                    .connected_peers()
+                    .map(|(_, p)| p.clone())
+                    .collect();
+                inner.peers.send_replace(peers);
+            }
+            Event::DocReady { doc } => {
+                if let Some(ws) = self.finds.remove(&doc) {
+                    let shared = self.engine.document(&doc);
+                    for w in ws {
+                        let _ = w.send(shared.clone().ok_or(RepoError::NotFound(doc)));
+                    }
+                }
+            }
+            Event::DocUnavailable { doc } => {
+                if let Some(ws) = self.finds.remove(&doc) {
+                    for w in ws {
+                        let _ = w.send(Err(RepoError::NotFound(doc)));
+                    }
+                }
+            }
+            Event::DocChanged { doc, heads, .. } => {
+                if let Some(ch) = inner.channels.lock().get(&doc) {
+                    ch.heads.send_if_modified(|h| {
+                        if *h != heads {
+                            *h = heads;
+                            true
+                        } else {
+                            false
+                        }
+                    });
+                }
+            }
+            Event::SyncStatus { doc, peer, status } => {
+                if let Some(ch) = inner.channels.lock().get(&doc) {
+                    ch.sync.send_modify(|m| {
+                        if status == crate::engine::PeerSyncStatus::Offline {
+                            m.remove(&peer);
+                        } else {
+                            m.insert(peer, status);
+                        }
+                    });
+                }
+            }
+            Event::Ephemeral { doc, sender, data } => {
+                if let Some(ch) = inner.channels.lock().get(&doc) {
+                    let _ = ch.ephemeral.send((sender, data));
+                }
+            }
+            Event::PeerError { conn, error } => {
+                tracing::warn!(?conn, %error, "peer error");
+            }
+            Event::Evicted { doc } => {
+                let mut chans = inner.channels.lock();
+                if chans.get(&doc).is_some_and(|c| Arc::strong_count(c) == 1) {
+                    chans.remove(&doc);
+                }
+                self.emitted.remove(&doc);
+                self.durable.remove(&doc);
+            }
+        }
+    }
+
+    /// Resolve `saved()` waiters and publish each document's save state.
+    fn publish_save_states(&mut self) {
+        let inner = self.inner.upgrade();
+        let ids: Vec<DocumentId> = self.save_waiters.keys().copied().collect();
+        for id in ids {
+            let durable = self.durable.get(&id).copied().unwrap_or(0);
+            if let Some(ws) = self.save_waiters.get_mut(&id) {
+                let (done, wait): (Vec<_>, Vec<_>) = ws.drain(..).partition(|(t, _)| *t <= durable);
+                *ws = wait;
+                for (_, w) in done {
+                    let _ = w.send(Ok(()));
+                }
+            }
+            self.save_waiters.retain(|_, w| !w.is_empty());
+        }
+        if let Some(inner) = inner {
+            let chans = inner.channels.lock();
+            for (id, seq) in &self.emitted {
+                if let Some(ch) = chans.get(id) {
+                    let durable = self.durable.get(id).copied().unwrap_or(0);
+                    let state = if durable >= *seq {
+                        SaveState::Saved
+                    } else {
+                        SaveState::Unsaved
+                    };
+                    ch.save.send_if_modified(|s| {
+                        if *s != state {
+                            *s = state;
+                            true
+                        } else {
+                            false
+                        }
+                    });
+                }
+            }
+        }
+    }
+
+    /// Fold a document's chunks into one snapshot when the store says it is time. The
+    /// snapshot is taken and queued under the document's lock, so every chunk queued before
+    /// it is covered by it (see `WriteOp::Compact`).
+    fn maybe_compact(&mut self, doc: DocumentId) {
+        if !self.store.needs_compaction(&doc) {
+            return;
+        }
+        let Some(shared) = self.engine.document(&doc) else {
+            return;
+        };
+        if !self.compacting.lock().insert(doc) {
+            return;
+        }
+        let store = self.store.clone();
+        let compacting = self.compacting.clone();
+        std::thread::spawn(move || {
+            let d = shared.lock();
+            let snapshot = d.save();
+            store.write(vec![WriteOp::Compact { doc, snapshot }], move |r| {
+                if let Err(e) = r {
+                    tracing::warn!(%doc, error = %e, "compaction failed");
+                }
+                compacting.lock().remove(&doc);
+            });
+            drop(d);
+        });
+    }
+}

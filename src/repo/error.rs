@@ -1,0 +1,32 @@
+//! Errors of the runtime API (what app code sees).
+
+use std::time::Duration;
+
+use crate::id::DocumentId;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error("document {0} was not found locally and no peer has it")]
+    NotFound(DocumentId),
+    #[error(
+        "finding document {id} timed out after {after:?} (no peer had it, or none was connected)"
+    )]
+    FindTimeout { id: DocumentId, after: Duration },
+    #[error("not an Automerge document: {0}")]
+    Import(automerge::AutomergeError),
+    #[error("the change failed: {0}")]
+    Change(automerge::AutomergeError),
+    #[error("the repo is shut down")]
+    Closed,
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Id(#[from] crate::id::IdError),
+    #[error("connecting needs a tokio runtime")]
+    NoRuntime,
+}

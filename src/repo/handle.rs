@@ -1,0 +1,180 @@
+//! [`DocHandle`]: what an app holds to read, change and watch one note.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use automerge::transaction::Transaction;
+use automerge::{Automerge, AutomergeError, ChangeHash, Patch};
+use tokio::sync::{broadcast, oneshot, watch};
+
+use crate::engine::{Input, PeerSyncStatus, SharedDoc};
+use crate::id::{AutomergeUrl, DocumentId, PeerId};
+
+use super::driver::Cmd;
+use super::{DocChannels, Repo, RepoError};
+
+/// Whether a note's latest change is on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaveState {
+    Unsaved,
+    Saved,
+}
+
+/// A cheap, cloneable handle on one note. Safe to use from many tasks.
+#[derive(Clone)]
+pub struct DocHandle {
+    repo: Repo,
+    id: DocumentId,
+    doc: SharedDoc,
+    channels: Arc<DocChannels>,
+}
+
+impl std::fmt::Debug for DocHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DocHandle").field("id", &self.id).finish()
+    }
+}
+
+impl DocHandle {
+    pub(super) fn new(repo: Repo, id: DocumentId, doc: SharedDoc) -> Self {
+        let channels = repo.inner.channels(&id);
+        channels.heads.send_replace(doc.lock().get_heads());
+        Self {
+            repo,
+            id,
+            doc,
+            channels,
+        }
+    }
+
+    pub fn id(&self) -> DocumentId {
+        self.id
+    }
+
+    pub fn url(&self) -> AutomergeUrl {
+        self.id.url()
+    }
+
+    /// Read the note. Holds only this note's lock.
+    pub fn with_doc<R>(&self, f: impl FnOnce(&Automerge) -> R) -> R {
+        f(&self.doc.lock())
+    }
+
+    /// Change the note in one Automerge transaction. If `f` fails the transaction is rolled
+    /// back. Returns what `f` returned.
+    pub fn change<R>(
+        &self,
+        f: impl FnOnce(&mut Transaction<'_>) -> Result<R, AutomergeError>,
+    ) -> Result<R, RepoError> {
+        let (out, heads, changed) = {
+            let mut doc = self.doc.lock();
+            let mut tx = doc.transaction();
+            let out = match f(&mut tx) {
+                Ok(r) => r,
+                Err(e) => {
+                    tx.rollback();
+                    return Err(RepoError::Change(e));
+                }
+            };
+            let (hash, _) = tx.commit();
+            (out, doc.get_heads(), hash.is_some())
+        };
+        if changed {
+            self.channels.save.send_replace(SaveState::Unsaved);
+            self.channels.heads.send_replace(heads);
+            self.repo
+                .inner
+                .send(Cmd::Input(Input::LocalChange { doc: self.id }))?;
+        }
+        Ok(out)
+    }
+
+    pub fn heads(&self) -> Vec<ChangeHash> {
+        self.doc.lock().get_heads()
+    }
+
+    /// The whole note as JSON (maps, lists, text as strings, counters as numbers).
+    pub fn to_json(&self) -> serde_json::Value {
+        let doc = self.doc.lock();
+        serde_json::to_value(automerge::AutoSerde::from(&*doc)).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// The note as Automerge bytes (`save()`), importable anywhere.
+    pub fn export(&self) -> Vec<u8> {
+        self.doc.lock().save()
+    }
+
+    /// Wait until every change made to this note so far is durable on disk.
+    pub async fn saved(&self) -> Result<(), RepoError> {
+        let (reply, rx) = oneshot::channel();
+        self.repo
+            .inner
+            .send(Cmd::WaitSaved { id: self.id, reply })?;
+        rx.await.map_err(|_| RepoError::Closed)?
+    }
+
+    /// `Saved` / `Unsaved`, as a watch an editor can show.
+    pub fn save_state(&self) -> watch::Receiver<SaveState> {
+        self.channels.save.subscribe()
+    }
+
+    /// Per-peer sync status (`Syncing` / `Synced`; offline peers are absent).
+    pub fn sync_status(&self) -> watch::Receiver<HashMap<PeerId, PeerSyncStatus>> {
+        self.channels.sync.subscribe()
+    }
+
+    /// Changes (local and remote) as they happen, with patches since the last seen heads.
+    pub fn changes(&self) -> Changes {
+        let rx = self.channels.heads.subscribe();
+        let last = self.heads();
+        Changes {
+            rx,
+            last,
+            doc: self.doc.clone(),
+        }
+    }
+
+    /// Send an ephemeral payload (CBOR bytes: presence, cursors) to the note's peers.
+    pub fn broadcast(&self, data: Vec<u8>) -> Result<(), RepoError> {
+        self.repo
+            .inner
+            .send(Cmd::Input(Input::Broadcast { doc: self.id, data }))
+    }
+
+    /// Ephemeral payloads from peers: (sender, CBOR bytes).
+    pub fn ephemeral(&self) -> broadcast::Receiver<(PeerId, Vec<u8>)> {
+        self.channels.ephemeral.subscribe()
+    }
+}
+
+/// One notification of [`Changes`].
+#[derive(Debug, Clone)]
+pub struct ChangeEvent {
+    pub heads: Vec<ChangeHash>,
+    /// What changed since the previous event (or since `changes()` was called).
+    pub patches: Vec<Patch>,
+}
+
+/// A subscription to a note's changes. Missed intermediate states are folded into one
+/// event: patches always lead from the last heads this subscriber saw to the newest.
+pub struct Changes {
+    rx: watch::Receiver<Vec<ChangeHash>>,
+    last: Vec<ChangeHash>,
+    doc: SharedDoc,
+}
+
+impl Changes {
+    /// The next change; `None` when the repo is gone.
+    pub async fn next(&mut self) -> Option<ChangeEvent> {
+        loop {
+            self.rx.changed().await.ok()?;
+            let heads = self.rx.borrow_and_update().clone();
+            if heads == self.last {
+                continue;
+            }
+            let patches = self.doc.lock().diff(&self.last, &heads);
+            self.last = heads.clone();
+            return Some(ChangeEvent { heads, patches });
+        }
+    }
+}

@@ -1,0 +1,377 @@
+//! The runtime: owns the store, the engine thread and the sockets, and hands out
+//! [`DocHandle`]s.
+//!
+//! One thread (the *driver*, [`driver`]) owns the sans-IO [`Engine`]. Everything else talks to
+//! it through one channel: handles report local changes, sockets deliver frames, the store's
+//! group-commit writer reports durability. The driver drains the whole channel into one
+//! `handle_batch` call, so a busy document is applied once per batch (see the engine docs),
+//! then carries out the effects: frames go to each socket's bounded queue, chunks to the
+//! store, events to the handles' watch channels.
+//!
+//! Handles share the document with the engine behind a per-document lock: reading or
+//! changing one note never waits for another, nor for the network.
+
+mod driver;
+mod error;
+mod handle;
+
+pub use error::RepoError;
+pub use handle::{ChangeEvent, Changes, DocHandle, SaveState};
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use automerge::Automerge;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::engine::{EngineConfig, Input};
+use crate::id::{AutomergeUrl, DocumentId, PeerId, StorageId};
+use crate::net::client::{spawn_reconnecting, Backoff, ClientConfig, ConnectionState};
+use crate::net::shutdown::{shutdown_channel, Shutdown, ShutdownTrigger};
+use crate::net::{ConnId, ConnInfo, Hub, Outgoing};
+use crate::protocol::Message;
+use crate::store::{Store, StoreConfig, WriteOp};
+
+use driver::Cmd;
+
+/// The embedded default data directory of the binaries.
+pub const DEFAULT_DATA_DIR: &str = "./sheaf-data";
+
+/// How a [`Repo`] behaves.
+#[derive(Debug, Clone)]
+pub struct RepoConfig {
+    pub store: StoreConfig,
+    /// Relays never announce documents; peers do.
+    pub relay: bool,
+    pub peer_id: Option<PeerId>,
+    /// How long [`Repo::find`] waits for a peer to have the document.
+    pub find_timeout: Duration,
+    /// Outgoing frames queued per socket before a slow peer is disconnected.
+    pub send_queue: usize,
+    /// Tune the engine (hold, grace and eviction times).
+    pub engine: Option<EngineConfig>,
+}
+
+impl Default for RepoConfig {
+    fn default() -> Self {
+        Self {
+            store: StoreConfig::default(),
+            relay: false,
+            peer_id: None,
+            find_timeout: Duration::from_secs(30),
+            send_queue: 1024,
+            engine: None,
+        }
+    }
+}
+
+impl RepoConfig {
+    pub fn relay() -> Self {
+        Self {
+            relay: true,
+            ..Self::default()
+        }
+    }
+}
+
+/// Per-document channels the driver publishes to.
+pub(crate) struct DocChannels {
+    pub heads: watch::Sender<Vec<automerge::ChangeHash>>,
+    pub save: watch::Sender<SaveState>,
+    pub sync: watch::Sender<HashMap<PeerId, crate::engine::PeerSyncStatus>>,
+    pub ephemeral: tokio::sync::broadcast::Sender<(PeerId, Vec<u8>)>,
+}
+
+impl DocChannels {
+    fn new() -> Self {
+        Self {
+            heads: watch::channel(Vec::new()).0,
+            save: watch::channel(SaveState::Saved).0,
+            sync: watch::channel(HashMap::new()).0,
+            ephemeral: tokio::sync::broadcast::channel(256).0,
+        }
+    }
+}
+
+pub(crate) struct Inner {
+    pub(crate) tx: std::sync::mpsc::Sender<Cmd>,
+    pub(crate) store: Store,
+    pub(crate) peer_id: PeerId,
+    pub(crate) storage_id: StorageId,
+    config: RepoConfig,
+    next_conn: AtomicU64,
+    pub(crate) channels: parking_lot::Mutex<HashMap<DocumentId, Arc<DocChannels>>>,
+    pub(crate) peers: watch::Sender<Vec<PeerId>>,
+    driver: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
+    shutdown: ShutdownTrigger,
+    shutdown_rx: Shutdown,
+}
+
+impl Inner {
+    pub(crate) fn send(&self, cmd: Cmd) -> Result<(), RepoError> {
+        self.tx.send(cmd).map_err(|_| RepoError::Closed)
+    }
+
+    pub(crate) fn channels(&self, id: &DocumentId) -> Arc<DocChannels> {
+        self.channels
+            .lock()
+            .entry(*id)
+            .or_insert_with(|| Arc::new(DocChannels::new()))
+            .clone()
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.shutdown.trigger();
+        let _ = self.tx.send(Cmd::Shutdown);
+        if let Some(h) = self.driver.lock().take() {
+            if h.thread().id() != std::thread::current().id() {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+/// A local-first document repository: a store on disk, an engine, and peers.
+#[derive(Clone)]
+pub struct Repo {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl Repo {
+    /// Open (or create) a repository in `path` with default settings.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, RepoError> {
+        Self::open_with(path, RepoConfig::default())
+    }
+
+    pub fn open_with(path: impl AsRef<Path>, config: RepoConfig) -> Result<Self, RepoError> {
+        let path = path.as_ref();
+        std::fs::create_dir_all(path).map_err(|source| RepoError::Io {
+            path: path.into(),
+            source,
+        })?;
+        let store = Store::open(path, config.store.clone())?;
+        let storage_id = storage_id(path)?;
+        Ok(Self::start(store, storage_id, config))
+    }
+
+    /// A repository on a temporary store (tests, ephemeral peers).
+    pub fn temporary(config: RepoConfig) -> Result<Self, RepoError> {
+        let store = Store::open_temporary()?;
+        Ok(Self::start(store, StorageId::random(), config))
+    }
+
+    fn start(store: Store, storage_id: StorageId, config: RepoConfig) -> Self {
+        let peer_id = config.peer_id.clone().unwrap_or_else(PeerId::random);
+        let engine_config = match &config.engine {
+            Some(e) => EngineConfig {
+                peer_id: peer_id.clone(),
+                storage_id: Some(storage_id.clone()),
+                ..e.clone()
+            },
+            None if config.relay => EngineConfig::relay(peer_id.clone(), Some(storage_id.clone())),
+            None => EngineConfig::peer(peer_id.clone(), Some(storage_id.clone())),
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (trigger, shutdown_rx) = shutdown_channel();
+        let inner = Arc::new(Inner {
+            tx,
+            store,
+            peer_id,
+            storage_id,
+            config,
+            next_conn: AtomicU64::new(1),
+            channels: parking_lot::Mutex::new(HashMap::new()),
+            peers: watch::channel(Vec::new()).0,
+            driver: parking_lot::Mutex::new(None),
+            shutdown: trigger,
+            shutdown_rx,
+        });
+        let handle = driver::spawn(Arc::downgrade(&inner), engine_config, rx);
+        *inner.driver.lock() = Some(handle);
+        Self { inner }
+    }
+
+    pub fn peer_id(&self) -> &PeerId {
+        &self.inner.peer_id
+    }
+
+    pub fn storage_id(&self) -> &StorageId {
+        &self.inner.storage_id
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// A new, empty note (with one empty change, so peers can tell it exists).
+    pub async fn create(&self) -> Result<DocHandle, RepoError> {
+        let mut doc = Automerge::new();
+        doc.empty_commit(Default::default());
+        self.create_from(doc).await
+    }
+
+    /// Import a document from Automerge bytes (`save()` output or concatenated changes)
+    /// as a new note with a fresh id.
+    pub async fn import(&self, bytes: &[u8]) -> Result<DocHandle, RepoError> {
+        let doc = Automerge::load(bytes).map_err(RepoError::Import)?;
+        if doc.get_heads().is_empty() {
+            return Err(RepoError::Import(automerge::AutomergeError::Fail));
+        }
+        self.create_from(doc).await
+    }
+
+    async fn create_from(&self, doc: Automerge) -> Result<DocHandle, RepoError> {
+        let id = DocumentId::random();
+        let (reply, rx) = oneshot::channel();
+        self.inner.send(Cmd::Create { id, doc, reply })?;
+        let shared = rx.await.map_err(|_| RepoError::Closed)??;
+        Ok(DocHandle::new(self.clone(), id, shared))
+    }
+
+    /// Find a note by id or URL: from memory, from disk, or from peers. Waits for a peer to
+    /// connect if none is (up to the configured find timeout).
+    pub async fn find(&self, id: impl Into<AutomergeUrl>) -> Result<DocHandle, RepoError> {
+        let id = id.into().id;
+        let (reply, rx) = oneshot::channel();
+        self.inner.send(Cmd::Find { id, reply })?;
+        let after = self.inner.config.find_timeout;
+        match tokio::time::timeout(after, rx).await {
+            Ok(Ok(Ok(shared))) => Ok(DocHandle::new(self.clone(), id, shared)),
+            Ok(Ok(Err(e))) => Err(e),
+            Ok(Err(_)) => Err(RepoError::Closed),
+            Err(_) => Err(RepoError::FindTimeout { id, after }),
+        }
+    }
+
+    /// Ids of every stored note, without loading any.
+    pub fn list(&self) -> Result<Vec<DocumentId>, RepoError> {
+        Ok(self.inner.store.list_documents()?)
+    }
+
+    /// Delete a note from this device (peers keep their copies).
+    pub async fn delete(&self, id: DocumentId) -> Result<(), RepoError> {
+        self.inner.send(Cmd::Input(Input::Forget { doc: id }))?;
+        self.inner
+            .store
+            .write_durable(vec![WriteOp::DeleteDoc { doc: id }])
+            .await?;
+        Ok(())
+    }
+
+    /// Wait until every change made so far is durable on disk.
+    pub async fn flush(&self) -> Result<(), RepoError> {
+        let (reply, rx) = oneshot::channel();
+        self.inner.send(Cmd::Flush { reply })?;
+        rx.await.map_err(|_| RepoError::Closed)?
+    }
+
+    /// Peers currently connected (handshake done).
+    pub fn peers(&self) -> watch::Receiver<Vec<PeerId>> {
+        self.inner.peers.subscribe()
+    }
+
+    /// Dial a relay or any automerge-repo server and keep the connection up (reconnecting
+    /// with backoff). Edits made offline flow when it comes back. Needs a tokio runtime.
+    pub fn connect(&self, url: &str) -> Result<watch::Receiver<ConnectionState>, RepoError> {
+        tokio::runtime::Handle::try_current().map_err(|_| RepoError::NoRuntime)?;
+        let (state_tx, state_rx) = watch::channel(ConnectionState::Connecting);
+        spawn_reconnecting(
+            url.to_string(),
+            self.hub(),
+            ClientConfig::default(),
+            Backoff::default(),
+            state_tx,
+            self.inner.shutdown_rx.clone(),
+        );
+        Ok(state_rx)
+    }
+
+    /// The repo as the socket layer sees it (to serve connections with [`crate::relay::run`]).
+    pub fn hub(&self) -> Arc<dyn Hub> {
+        Arc::new(RepoHub {
+            inner: Arc::downgrade(&self.inner),
+            queue: self.inner.config.send_queue,
+        })
+    }
+
+    /// Stop the engine after writing everything out. Pending finds fail with `Closed`.
+    pub fn shutdown(&self) -> Result<(), RepoError> {
+        self.inner.shutdown.trigger();
+        let (reply, rx) = std::sync::mpsc::sync_channel(1);
+        if self.inner.send(Cmd::Stop { reply }).is_ok() {
+            let _ = rx.recv();
+        }
+        self.inner.store.flush_blocking()?;
+        Ok(())
+    }
+
+    /// Number of documents the engine holds in memory.
+    pub async fn loaded_documents(&self) -> usize {
+        let (reply, rx) = oneshot::channel();
+        if self.inner.send(Cmd::Loaded { reply }).is_err() {
+            return 0;
+        }
+        rx.await.unwrap_or(0)
+    }
+}
+
+/// The [`Hub`] side of a repo. Holds the repo weakly so sockets don't keep it alive.
+struct RepoHub {
+    inner: std::sync::Weak<Inner>,
+    queue: usize,
+}
+
+impl Hub for RepoHub {
+    fn connect(&self, info: ConnInfo) -> (ConnId, mpsc::Receiver<Outgoing>) {
+        let (tx, rx) = mpsc::channel(self.queue.max(1));
+        let Some(inner) = self.inner.upgrade() else {
+            return (ConnId(0), rx);
+        };
+        let conn = ConnId(inner.next_conn.fetch_add(1, Ordering::Relaxed));
+        let _ = inner.send(Cmd::Connect {
+            conn,
+            direction: info.direction,
+            tx,
+        });
+        (conn, rx)
+    }
+
+    fn receive(&self, conn: ConnId, msg: Message) {
+        if let Some(inner) = self.inner.upgrade() {
+            let _ = inner.send(Cmd::Input(Input::Received { conn, msg }));
+        }
+    }
+
+    fn disconnect(&self, conn: ConnId) {
+        if let Some(inner) = self.inner.upgrade() {
+            let _ = inner.send(Cmd::Input(Input::ConnClosed { conn }));
+        }
+    }
+}
+
+/// The storage id of a data directory, made once and kept in `<dir>/storage-id`.
+fn storage_id(dir: &Path) -> Result<StorageId, RepoError> {
+    let path: PathBuf = dir.join("storage-id");
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => Ok(StorageId::new(s.trim())),
+        _ => {
+            let id = StorageId::random();
+            let tmp = dir.join("storage-id.tmp");
+            let io = |source| RepoError::Io {
+                path: path.clone(),
+                source,
+            };
+            std::fs::write(&tmp, id.as_str()).map_err(io)?;
+            std::fs::File::open(&tmp)
+                .and_then(|f| f.sync_all())
+                .map_err(io)?;
+            std::fs::rename(&tmp, &path).map_err(io)?;
+            Ok(id)
+        }
+    }
+}
