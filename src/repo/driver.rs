@@ -2,6 +2,7 @@
 //! effects (sockets, store, handle notifications).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -20,6 +21,7 @@ use super::{Inner, RepoError, SaveState};
 const MAX_BATCH: usize = 8192;
 
 type DocReply = oneshot::Sender<Result<SharedDoc, RepoError>>;
+type SavedReply = oneshot::Sender<Result<(), RepoError>>;
 
 pub(crate) enum Cmd {
     Input(Input),
@@ -127,7 +129,7 @@ struct Driver {
     /// Last chunk sequence emitted / acknowledged durable, per document.
     emitted: HashMap<DocumentId, u64>,
     durable: HashMap<DocumentId, u64>,
-    save_waiters: HashMap<DocumentId, Vec<(u64, oneshot::Sender<Result<(), RepoError>>)>>,
+    save_waiters: HashMap<DocumentId, Vec<(u64, SavedReply)>>,
     compacting: Arc<parking_lot::Mutex<HashSet<DocumentId>>>,
     /// Inputs produced while carrying out effects, for the next batch.
     carry: Vec<Input>,
@@ -203,7 +205,18 @@ impl Driver {
             if self.engine.next_deadline().is_some_and(|t| t <= now) {
                 inputs.push(Input::Tick);
             }
+            let n_inputs = inputs.len() as u64;
+            let started = Instant::now();
             let effects = self.engine.handle_batch(now, inputs);
+            if let Some(inner) = self.inner.upgrade() {
+                let st = &inner.stats;
+                st.batches.fetch_add(1, Ordering::Relaxed);
+                st.inputs.fetch_add(n_inputs, Ordering::Relaxed);
+                st.engine_nanos
+                    .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                st.loaded_docs
+                    .store(self.engine.loaded_count() as u64, Ordering::Relaxed);
+            }
             for e in effects {
                 self.effect(e);
             }

@@ -96,7 +96,21 @@ impl DocChannels {
     }
 }
 
+/// Counters of the runtime (for `/metrics`).
+#[derive(Debug, Default)]
+pub struct RepoStats {
+    /// Engine batches handled.
+    pub batches: AtomicU64,
+    /// Inputs handled (frames, local changes, storage answers...).
+    pub inputs: AtomicU64,
+    /// Time spent in the engine (applying, generating messages), in nanoseconds.
+    pub engine_nanos: AtomicU64,
+    /// Documents held in memory after the last batch.
+    pub loaded_docs: AtomicU64,
+}
+
 pub(crate) struct Inner {
+    pub(crate) stats: Arc<RepoStats>,
     pub(crate) tx: std::sync::mpsc::Sender<Cmd>,
     pub(crate) store: Store,
     pub(crate) peer_id: PeerId,
@@ -179,6 +193,7 @@ impl Repo {
         let (tx, rx) = std::sync::mpsc::channel();
         let (trigger, shutdown_rx) = shutdown_channel();
         let inner = Arc::new(Inner {
+            stats: Arc::new(RepoStats::default()),
             tx,
             store,
             peer_id,
@@ -308,6 +323,11 @@ impl Repo {
         }
         self.inner.store.flush_blocking()?;
         Ok(())
+    }
+
+    /// Runtime counters, updated after every engine batch.
+    pub fn stats(&self) -> Arc<RepoStats> {
+        self.inner.stats.clone()
     }
 
     /// Number of documents the engine holds in memory.
