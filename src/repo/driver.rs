@@ -419,31 +419,15 @@ impl Driver {
         }
     }
 
-    /// Resolve `saved()` waiters and publish each document's save state.
+    /// Publish each document's save state, then resolve `saved()` waiters (in that order,
+    /// so a task woken by `saved()` already sees `Saved`).
     fn publish_save_states(&mut self) {
-        let inner = self.inner.upgrade();
-        let ids: Vec<DocumentId> = self.save_waiters.keys().copied().collect();
-        for id in ids {
-            let durable = self.durable.get(&id).copied().unwrap_or(0);
-            if let Some(ws) = self.save_waiters.get_mut(&id) {
-                let (done, wait): (Vec<_>, Vec<_>) = ws.drain(..).partition(|(t, _)| *t <= durable);
-                *ws = wait;
-                for (_, w) in done {
-                    let _ = w.send(Ok(()));
-                }
-            }
-            self.save_waiters.retain(|_, w| !w.is_empty());
-        }
-        if let Some(inner) = inner {
+        if let Some(inner) = self.inner.upgrade() {
             let chans = inner.channels.lock();
             for (id, seq) in &self.emitted {
                 if let Some(ch) = chans.get(id) {
                     let durable = self.durable.get(id).copied().unwrap_or(0);
-                    let state = if durable >= *seq {
-                        SaveState::Saved
-                    } else {
-                        SaveState::Unsaved
-                    };
+                    let state = if durable >= *seq { SaveState::Saved } else { SaveState::Unsaved };
                     ch.save.send_if_modified(|s| {
                         if *s != state {
                             *s = state;
@@ -455,6 +439,15 @@ impl Driver {
                 }
             }
         }
+        for (id, ws) in self.save_waiters.iter_mut() {
+            let durable = self.durable.get(id).copied().unwrap_or(0);
+            let (done, wait): (Vec<_>, Vec<_>) = ws.drain(..).partition(|(t, _)| *t <= durable);
+            *ws = wait;
+            for (_, w) in done {
+                let _ = w.send(Ok(()));
+            }
+        }
+        self.save_waiters.retain(|_, w| !w.is_empty());
     }
 
     /// Fold a document's chunks into one snapshot when the store says it is time. The
