@@ -10,7 +10,9 @@ use sheafdb::Repo;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let dir = std::env::args().nth(1).unwrap_or_else(|| "./sheaf-data-tour".into());
+    let dir = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "./sheaf-data-tour".into());
 
     {
         let repo = Repo::open(&dir)?;
@@ -27,7 +29,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         })?;
         println!("created {} ({:?})", note.url(), *note.save_state().borrow());
         note.saved().await?;
-        println!("saved: {:?}", *note.save_state().borrow() == SaveState::Saved);
+        println!(
+            "saved: {:?}",
+            *note.save_state().borrow() == SaveState::Saved
+        );
         repo.shutdown()?;
     }
 
@@ -37,7 +42,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for id in ids {
         let h = repo.find(id).await?;
         let (title, body) = h.with_doc(|d| {
-            let title = d.get(ROOT, "title").ok().flatten().map(|(v, _)| v.to_string());
+            let title = d
+                .get(ROOT, "title")
+                .ok()
+                .flatten()
+                .map(|(v, _)| v.to_string());
             let body = d
                 .get(ROOT, "body")
                 .ok()
@@ -45,7 +54,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .and_then(|(_, o)| d.text(&o).ok());
             (title, body)
         });
-        println!("  {}  {}  {}", h.url(), title.unwrap_or_default(), body.unwrap_or_default());
+        println!(
+            "  {}  {}  {}",
+            h.url(),
+            title.unwrap_or_default(),
+            body.unwrap_or_default()
+        );
     }
     repo.shutdown()?;
     Ok(())

@@ -64,7 +64,7 @@ pub(super) fn spawn(
         let i = inner.upgrade().expect("spawned from a live repo");
         (i.store.clone(), i.tx.clone())
     };
-    let loader = spawn_loader(store.clone(), tx.clone());
+    let (loader, loader_thread) = spawn_loader(store.clone(), tx.clone());
     std::thread::Builder::new()
         .name("sheaf-driver".into())
         .spawn(move || {
@@ -73,7 +73,8 @@ pub(super) fn spawn(
                 inner,
                 tx,
                 store,
-                loader,
+                loader: Some(loader),
+                threads: vec![loader_thread],
                 start: Instant::now(),
                 conns: HashMap::new(),
                 finds: HashMap::new(),
@@ -89,9 +90,12 @@ pub(super) fn spawn(
 }
 
 /// Loads run off the driver thread: a big document takes a while to load.
-fn spawn_loader(store: Store, tx: Sender<Cmd>) -> Sender<DocumentId> {
+fn spawn_loader(
+    store: Store,
+    tx: Sender<Cmd>,
+) -> (Sender<DocumentId>, std::thread::JoinHandle<()>) {
     let (ltx, lrx) = std::sync::mpsc::channel::<DocumentId>();
-    std::thread::Builder::new()
+    let handle = std::thread::Builder::new()
         .name("sheaf-loader".into())
         .spawn(move || {
             while let Ok(doc) = lrx.recv() {
@@ -114,7 +118,7 @@ fn spawn_loader(store: Store, tx: Sender<Cmd>) -> Sender<DocumentId> {
             }
         })
         .expect("spawn the loader thread");
-    ltx
+    (ltx, handle)
 }
 
 struct Driver {
@@ -122,7 +126,10 @@ struct Driver {
     inner: Weak<Inner>,
     tx: Sender<Cmd>,
     store: Store,
-    loader: Sender<DocumentId>,
+    loader: Option<Sender<DocumentId>>,
+    /// The loader and compaction threads: joined at shutdown, so the store (and sled's
+    /// lock on the directory) is released when `Repo` is gone.
+    threads: Vec<std::thread::JoinHandle<()>>,
     start: Instant,
     conns: HashMap<ConnId, mpsc::Sender<Outgoing>>,
     finds: HashMap<DocumentId, Vec<DocReply>>,
@@ -232,6 +239,10 @@ impl Driver {
         for (_, tx) in self.conns.drain() {
             let _ = tx.try_send(Outgoing::Close("shutting down".into()));
         }
+        self.loader = None;
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
         if let Err(e) = self.store.flush_blocking() {
             tracing::error!(error = %e, "flush at shutdown failed");
         }
@@ -295,7 +306,7 @@ impl Driver {
                 }
             }
             Effect::Load { doc } => {
-                if self.loader.send(doc).is_err() {
+                if self.loader.as_ref().is_none_or(|l| l.send(doc).is_err()) {
                     self.carry.push(Input::Loaded { doc, loaded: None });
                 }
             }
@@ -427,7 +438,11 @@ impl Driver {
             for (id, seq) in &self.emitted {
                 if let Some(ch) = chans.get(id) {
                     let durable = self.durable.get(id).copied().unwrap_or(0);
-                    let state = if durable >= *seq { SaveState::Saved } else { SaveState::Unsaved };
+                    let state = if durable >= *seq {
+                        SaveState::Saved
+                    } else {
+                        SaveState::Unsaved
+                    };
                     ch.save.send_if_modified(|s| {
                         if *s != state {
                             *s = state;
@@ -465,7 +480,8 @@ impl Driver {
         }
         let store = self.store.clone();
         let compacting = self.compacting.clone();
-        std::thread::spawn(move || {
+        self.threads.retain(|t| !t.is_finished());
+        self.threads.push(std::thread::spawn(move || {
             let d = shared.lock();
             let snapshot = d.save();
             store.write(vec![WriteOp::Compact { doc, snapshot }], move |r| {
@@ -475,6 +491,6 @@ impl Driver {
                 compacting.lock().remove(&doc);
             });
             drop(d);
-        });
+        }));
     }
 }
