@@ -498,8 +498,7 @@ impl DocEntry {
     }
 
     fn check_evict(&mut self, now: Millis, config: &EngineConfig, out: &mut StepOutput) {
-        let idle = self.peers.is_empty() && self.inbox.is_empty() && self.in_flight.is_empty();
-        if !idle || now.saturating_sub(self.last_activity) < config.evict_idle_ms {
+        if now.saturating_sub(self.last_activity) < config.evict_idle_ms || !self.quiet() {
             return;
         }
         if Arc::strong_count(&self.doc) > 1 {
@@ -507,9 +506,17 @@ impl DocEntry {
             self.last_activity = now;
             return;
         }
-        if self.persist_heads != self.doc.lock().get_heads() {
-            return;
-        }
-        out.evict = true;
+        out.evict = self.evictable();
+    }
+
+    /// Nothing in flight, nobody syncing it.
+    fn quiet(&self) -> bool {
+        self.peers.is_empty() && self.inbox.is_empty() && self.in_flight.is_empty() && self.phase != DocPhase::Loading
+    }
+
+    /// Can be dropped from memory without losing anything: quiet, every change on disk, and
+    /// no handle holds it.
+    pub fn evictable(&self) -> bool {
+        self.quiet() && Arc::strong_count(&self.doc) == 1 && self.persist_heads == self.doc.lock().get_heads()
     }
 }

@@ -652,6 +652,29 @@ impl Engine {
         while let Some(id) = self.touched.pop_first() {
             self.step_doc(now, id);
         }
+        if self.docs.len() > self.config.max_loaded_docs {
+            self.evict_least_recent();
+        }
+    }
+
+    /// Keep memory bounded however many documents are touched: evict the least recently
+    /// active documents that can go (see `DocEntry::evictable`).
+    fn evict_least_recent(&mut self) {
+        let excess = self.docs.len() - self.config.max_loaded_docs;
+        let mut candidates: Vec<(Millis, DocumentId)> = self
+            .docs
+            .iter()
+            .filter(|(_, d)| d.evictable())
+            .map(|(id, d)| (d.last_activity, *id))
+            .collect();
+        candidates.sort();
+        for (_, id) in candidates.into_iter().take(excess) {
+            self.docs.remove(&id);
+            for c in self.conns.values_mut() {
+                c.docs.remove(&id);
+            }
+            self.effects.push(Effect::Event(Event::Evicted { doc: id }));
+        }
     }
 
     fn step_doc(&mut self, now: Millis, id: DocumentId) {

@@ -52,6 +52,9 @@ pub struct EngineConfig {
     pub evict_idle_ms: u64,
     /// Persist remote changes before advertising heads that include them.
     pub durable_before_send: bool,
+    /// Above this many documents in memory, the least recently active evictable ones are
+    /// evicted at once (without waiting for `evict_idle_ms`).
+    pub max_loaded_docs: usize,
 }
 
 impl EngineConfig {
@@ -67,6 +70,7 @@ impl EngineConfig {
             request_grace_ms: 5_000,
             evict_idle_ms: 30_000,
             durable_before_send: true,
+            max_loaded_docs: 1_000,
         }
     }
 

@@ -9,6 +9,7 @@ use tokio::sync::{broadcast, oneshot, watch};
 
 use crate::engine::{Input, PeerSyncStatus, SharedDoc};
 use crate::id::{AutomergeUrl, DocumentId, PeerId};
+use crate::store::WriteOp;
 
 use super::driver::Cmd;
 use super::{DocChannels, Repo, RepoError};
@@ -111,6 +112,22 @@ impl DocHandle {
             .inner
             .send(Cmd::WaitSaved { id: self.id, reply })?;
         rx.await.map_err(|_| RepoError::Closed)?
+    }
+
+    /// Fold the note's stored chunks into one snapshot now (the store also does this on its
+    /// own when incremental chunks outgrow the snapshot). The snapshot is taken and queued
+    /// under the note's lock, so it covers every chunk queued before it.
+    pub async fn compact(&self) -> Result<(), RepoError> {
+        let (reply, rx) = oneshot::channel();
+        {
+            let doc = self.doc.lock();
+            let snapshot = doc.save();
+            self.repo.inner.store.write(vec![WriteOp::Compact { doc: self.id, snapshot }], move |r| {
+                let _ = reply.send(r);
+            });
+        }
+        rx.await.map_err(|_| RepoError::Closed)??;
+        Ok(())
     }
 
     /// `Saved` / `Unsaved`, as a watch an editor can show.
