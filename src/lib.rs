@@ -15,6 +15,8 @@
 //! - [`relay`]: the WebSocket server: `run(listener, hub, config, shutdown)`, the per-socket
 //!   loop (limits, keepalive, close codes), `/health` and Prometheus `/metrics`.
 //! - [`sim`]: the deterministic network simulator (tests, fuzzing).
+//! - `traces`: loaders for the editing traces in `shared/traces` and document builders
+//!   (tests and benchmarks; hidden from the docs).
 //! - [`error`]: the crate's top-level error.
 
 pub mod engine;
@@ -25,6 +27,8 @@ pub mod protocol;
 pub mod relay;
 pub mod sim;
 pub mod store;
+#[doc(hidden)]
+pub mod traces;
 
 pub use error::Error;
 pub use id::{AutomergeUrl, DocumentId, PeerId, StorageId};
