@@ -282,6 +282,7 @@ impl DocEntry {
         }
         let mut all = Vec::new();
         let mut ranges: Vec<(ConnId, std::ops::Range<usize>)> = Vec::new();
+        let had_changes: Vec<bool> = decoded.iter().map(|(_, m)| !m.changes.is_empty()).collect();
         for (conn, msg) in decoded.iter_mut() {
             if msg.changes.is_empty() {
                 continue;
@@ -315,14 +316,24 @@ impl DocEntry {
                 }
             }
         }
-        for (conn, msg) in decoded {
+        for ((conn, msg), had_changes) in decoded.into_iter().zip(had_changes) {
             if bad.contains(&conn) {
                 continue;
             }
             let Some(p) = self.peers.get_mut(&conn) else {
                 continue;
             };
-            if let Err(e) = doc.receive_sync_message(&mut p.sync, msg) {
+            // The changes were applied above, so `receive_sync_message` sees a message
+            // without changes whose heads equal ours, and records that we already told the
+            // peer those heads (`last_sent_heads`): we would then never acknowledge the
+            // changes, and the sender would hold everything new for `max_hold_ms`. Keep
+            // `last_sent_heads` as automerge does for a message that carries changes.
+            let last_sent = had_changes.then(|| p.sync.last_sent_heads.clone());
+            let result = doc.receive_sync_message(&mut p.sync, msg);
+            if let Some(last_sent) = last_sent {
+                p.sync.last_sent_heads = last_sent;
+            }
+            if let Err(e) = result {
                 let error = EngineError::BadSyncMessage {
                     doc: id,
                     reason: e.to_string(),
