@@ -139,7 +139,6 @@ fn clownschool_replays_through_a_relay() {
                 .filter(|m| !flushed[**m])
                 .map(|m| trace.txns[*m].agent)
                 .collect();
-            authors.dedup();
             authors.sort_unstable();
             authors.dedup();
             if !authors.is_empty() {
@@ -158,7 +157,6 @@ fn clownschool_replays_through_a_relay() {
                 let t = Instant::now();
                 net.settle();
                 t_sync += t.elapsed();
-                }
             }
             // Absorb them once the relay has delivered them to the agent's engine document.
             // (The bytes come from `made`, keyed by content hash, so they are the very
