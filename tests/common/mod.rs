@@ -80,6 +80,9 @@ pub struct Net {
     pub bytes: u64,
     /// Print every frame sent (set `SHEAF_NET_VERBOSE`).
     pub verbose: bool,
+    /// When set, every frame sent is recorded in `sent` as (sender node, type, doc, bytes).
+    pub record: bool,
+    pub sent: Vec<(usize, &'static str, Option<DocumentId>, usize)>,
 }
 
 pub fn peer_config(name: &str) -> EngineConfig {
@@ -279,6 +282,10 @@ impl Net {
         }
         self.messages += 1;
         self.bytes += bytes.len() as u64;
+        if self.record {
+            self.sent
+                .push((node, msg.type_name(), msg.document_id(), bytes.len()));
+        }
         if l.a == node {
             l.to_b.push_back(bytes);
         } else {
