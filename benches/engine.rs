@@ -24,7 +24,7 @@ use automerge::{Automerge, ReadDoc};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sheafdb::engine::Input;
-use sheafdb::traces::{self, SequentialTrace};
+use sheafdb::traces;
 use sheafdb::DocumentId;
 
 use common::{peer_config, relay_config, Net};
@@ -76,7 +76,6 @@ fn main() {
         absorb_concurrent(k, &t2, &mut rows);
     }
     steady_state(if quick { 200 } else { 1_000 }, &mut rows);
-    let _ = &trace as &SequentialTrace;
 
     let w = rows
         .iter()
