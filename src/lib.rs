@@ -16,6 +16,8 @@
 //!   loop (limits, keepalive, close codes), `/health` and Prometheus `/metrics`.
 //! - [`repo`]: the runtime: [`Repo`] (store + engine thread + sockets) and [`DocHandle`].
 //! - [`sim`]: the deterministic network simulator (tests, fuzzing).
+//! - `traces`: loaders for the editing traces in `shared/traces` and document builders
+//!   (tests and benchmarks; hidden from the docs).
 //! - [`error`]: the crate's top-level error.
 
 pub mod engine;
@@ -27,6 +29,8 @@ pub mod relay;
 pub mod repo;
 pub mod sim;
 pub mod store;
+#[doc(hidden)]
+pub mod traces;
 
 pub use error::Error;
 pub use id::{AutomergeUrl, DocumentId, PeerId, StorageId};

@@ -77,7 +77,8 @@ async fn main() -> anyhow::Result<()> {
 
     sheafdb::relay::run(listener, repo.hub(), server, shutdown_signal()).await?;
     tracing::info!("shutting down: flushing storage");
-    let r = tokio::task::spawn_blocking(move || repo.shutdown().map_err(anyhow::Error::from)).await?;
+    let r =
+        tokio::task::spawn_blocking(move || repo.shutdown().map_err(anyhow::Error::from)).await?;
     r.context("flushing storage at shutdown")?;
     tracing::info!("bye");
     Ok(())

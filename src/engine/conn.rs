@@ -18,8 +18,6 @@ pub(super) enum ConnPhase {
 
 pub(super) struct Conn {
     pub phase: ConnPhase,
-    /// Kept after the phase moves on, for events when the connection closes.
-    pub peer_id: Option<PeerId>,
     pub docs: BTreeSet<DocumentId>,
 }
 
@@ -27,7 +25,6 @@ impl Conn {
     pub fn new(phase: ConnPhase) -> Self {
         Self {
             phase,
-            peer_id: None,
             docs: BTreeSet::new(),
         }
     }

@@ -199,6 +199,12 @@ impl DocEntry {
         true
     }
 
+    /// A local `find` is still waiting for a peer to have this document: evicting it
+    /// would drop the request silently (no `DocReady`, no `DocUnavailable`).
+    fn waited_for(&self) -> bool {
+        self.local_want && self.phase == DocPhase::Requesting
+    }
+
     fn gated(&self, config: &EngineConfig) -> bool {
         config.durable_before_send && !self.in_flight.is_empty()
     }
@@ -218,6 +224,7 @@ impl DocEntry {
             && self.inbox.is_empty()
             && self.in_flight.is_empty()
             && self.phase != DocPhase::Loading
+            && !self.waited_for()
         {
             at(self.last_activity.plus(config.evict_idle_ms));
         }
@@ -284,12 +291,26 @@ impl DocEntry {
         }
         let mut all = Vec::new();
         let mut ranges: Vec<(ConnId, std::ops::Range<usize>)> = Vec::new();
+        let mut rejected: Vec<ConnId> = Vec::new();
+        let had_changes: Vec<bool> = decoded.iter().map(|(_, m)| !m.changes.is_empty()).collect();
         for (conn, msg) in decoded.iter_mut() {
             if msg.changes.is_empty() {
                 continue;
             }
             let changes = std::mem::replace(&mut msg.changes, ChunkList::empty());
             if self.peers.get(conn).is_some_and(|p| p.sync.read_only) {
+                continue;
+            }
+            // `load_incremental` silently skips a chunk that does not parse (a partial
+            // load is not an error in automerge 0.12), so a damaged change would vanish
+            // without a word while the connection carries on. Check change chunks here
+            // (document chunks, sent once to a fresh peer, are left to the loader).
+            if let Some(reason) = changes.iter().find_map(damaged_change) {
+                let error = EngineError::BadChanges { doc: id, reason };
+                out.close.push((*conn, error.to_string()));
+                out.effects
+                    .push(Effect::Event(Event::PeerError { conn: *conn, error }));
+                rejected.push(*conn);
                 continue;
             }
             let start = all.len();
@@ -299,7 +320,7 @@ impl DocEntry {
             ranges.push((*conn, start..all.len()));
         }
         let mut doc = self.doc.lock();
-        let mut bad: Vec<ConnId> = Vec::new();
+        let mut bad: Vec<ConnId> = rejected;
         if !all.is_empty() && doc.load_incremental(&all).is_err() {
             // Find the culprit(s); whatever is valid is applied (changes are idempotent).
             for (conn, r) in &ranges {
@@ -317,14 +338,24 @@ impl DocEntry {
                 }
             }
         }
-        for (conn, msg) in decoded {
+        for ((conn, msg), had_changes) in decoded.into_iter().zip(had_changes) {
             if bad.contains(&conn) {
                 continue;
             }
             let Some(p) = self.peers.get_mut(&conn) else {
                 continue;
             };
-            if let Err(e) = doc.receive_sync_message(&mut p.sync, msg) {
+            // The changes were applied above, so `receive_sync_message` sees a message
+            // without changes whose heads equal ours, and records that we already told the
+            // peer those heads (`last_sent_heads`): we would then never acknowledge the
+            // changes, and the sender would hold everything new for `max_hold_ms`. Keep
+            // `last_sent_heads` as automerge does for a message that carries changes.
+            let last_sent = had_changes.then(|| p.sync.last_sent_heads.clone());
+            let result = doc.receive_sync_message(&mut p.sync, msg);
+            if let Some(last_sent) = last_sent {
+                p.sync.last_sent_heads = last_sent;
+            }
+            if let Err(e) = result {
                 let error = EngineError::BadSyncMessage {
                     doc: id,
                     reason: e.to_string(),
@@ -511,12 +542,59 @@ impl DocEntry {
 
     /// Nothing in flight, nobody syncing it.
     fn quiet(&self) -> bool {
-        self.peers.is_empty() && self.inbox.is_empty() && self.in_flight.is_empty() && self.phase != DocPhase::Loading
+        self.peers.is_empty()
+            && self.inbox.is_empty()
+            && self.in_flight.is_empty()
+            && self.phase != DocPhase::Loading
+            && !self.waited_for()
     }
 
     /// Can be dropped from memory without losing anything: quiet, every change on disk, and
     /// no handle holds it.
     pub fn evictable(&self) -> bool {
-        self.quiet() && Arc::strong_count(&self.doc) == 1 && self.persist_heads == self.doc.lock().get_heads()
+        self.quiet()
+            && Arc::strong_count(&self.doc) == 1
+            && self.persist_heads == self.doc.lock().get_heads()
     }
+}
+
+/// Why an entry of a sync message's `changes` holds a damaged change, if it does. An entry
+/// is one or more storage chunks back to back; each starts with the magic bytes, a 4-byte
+/// checksum, the chunk type (0 = document, 1 = change, 2 = compressed change) and the
+/// body length (LEB128). Change chunks are parsed, which checks the checksum; document
+/// chunks (sent once to a fresh peer) are left to the loader.
+fn damaged_change(entry: &[u8]) -> Option<String> {
+    const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+    let mut rest = entry;
+    while !rest.is_empty() {
+        if rest.len() < 10 || rest[..4] != MAGIC {
+            return Some("a chunk without the automerge magic bytes".into());
+        }
+        let (mut len, mut shift, mut i) = (0u64, 0u32, 9usize);
+        loop {
+            let Some(b) = rest.get(i) else {
+                return Some("a truncated chunk header".into());
+            };
+            if shift > 56 {
+                return Some("a chunk length out of range".into());
+            }
+            len |= u64::from(b & 0x7f) << shift;
+            shift += 7;
+            i += 1;
+            if b & 0x80 == 0 {
+                break;
+            }
+        }
+        let end = match usize::try_from(len).ok().and_then(|l| l.checked_add(i)) {
+            Some(end) if end <= rest.len() => end,
+            _ => return Some("a truncated chunk".into()),
+        };
+        if rest[8] != 0 {
+            if let Err(e) = automerge::Change::try_from(&rest[..end]) {
+                return Some(e.to_string());
+            }
+        }
+        rest = &rest[end..];
+    }
+    None
 }

@@ -224,16 +224,15 @@ impl Engine {
         let Some(c) = self.conns.remove(&conn) else {
             return;
         };
-        if let Some(peer) = c.peer_id() {
-            self.effects.push(Effect::Event(Event::PeerDisconnected {
-                conn,
-                peer: peer.clone(),
-            }));
+        let peer_id = c.peer_id().cloned();
+        if let Some(peer) = peer_id.clone() {
+            self.effects
+                .push(Effect::Event(Event::PeerDisconnected { conn, peer }));
         }
         for doc in c.docs {
             if let Some(d) = self.docs.get_mut(&doc) {
                 if let Some(p) = d.peers.remove(&conn) {
-                    if let Some(peer) = c.peer_id.clone() {
+                    if let Some(peer) = peer_id.clone() {
                         if p.status != PeerSyncStatus::Offline {
                             self.effects.push(Effect::Event(Event::SyncStatus {
                                 doc,

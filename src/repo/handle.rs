@@ -122,9 +122,15 @@ impl DocHandle {
         {
             let doc = self.doc.lock();
             let snapshot = doc.save();
-            self.repo.inner.store.write(vec![WriteOp::Compact { doc: self.id, snapshot }], move |r| {
-                let _ = reply.send(r);
-            });
+            self.repo.inner.store.write(
+                vec![WriteOp::Compact {
+                    doc: self.id,
+                    snapshot,
+                }],
+                move |r| {
+                    let _ = reply.send(r);
+                },
+            );
         }
         rx.await.map_err(|_| RepoError::Closed)??;
         Ok(())

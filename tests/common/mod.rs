@@ -1,0 +1,366 @@
+//! Helpers shared by integration tests and benchmarks (`benches/` include this file with
+//! `#[path]`): opening the gzipped editing traces in `shared/traces`.
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::io::Read;
+
+use sheafdb::traces::{self, ConcurrentTrace, SequentialTrace};
+
+/// The path of a trace file, relative to the crate root (`../shared/traces/<name>`).
+pub fn trace_path(name: &str) -> String {
+    format!("{}/../shared/traces/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Open a gzipped trace for reading (decompressed).
+pub fn open_trace(name: &str) -> impl Read {
+    let path = trace_path(name);
+    let file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+    flate2::read::GzDecoder::new(file)
+}
+
+pub fn sequential(name: &str) -> SequentialTrace {
+    traces::parse_sequential(open_trace(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+pub fn concurrent(name: &str) -> ConcurrentTrace {
+    traces::parse_concurrent(open_trace(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+// ---- an in-memory network of engines ------------------------------------------------------
+
+use std::collections::{HashMap, VecDeque};
+
+use automerge::Automerge;
+use sheafdb::engine::{Effect, Engine, EngineConfig, Event, Input, Loaded, Millis};
+use sheafdb::net::{ConnId, Direction};
+use sheafdb::protocol::{self, Message};
+use sheafdb::{DocumentId, PeerId, StorageId};
+
+/// One engine with an in-memory store that answers `Load` and `Persist` at once (on the
+/// node's next batch).
+pub struct Node {
+    pub engine: Engine,
+    pub inputs: Vec<Input>,
+    /// Stored chunks per document, in the order they were persisted.
+    pub chunks: HashMap<DocumentId, Vec<Vec<u8>>>,
+    /// Documents handed to the engine as they are when it asks to load them (taken, so
+    /// the answer costs nothing); checked before `chunks`.
+    pub preloaded: HashMap<DocumentId, Automerge>,
+    pub sync_states: HashMap<(DocumentId, StorageId), Vec<u8>>,
+    /// Every event the engine emitted.
+    pub events: Vec<Event>,
+    /// Every effect other than `Send` (for assertions), in order.
+    pub log: Vec<String>,
+    /// When false, `Persist` effects wait in `unacked` until the test acknowledges them.
+    pub auto_persist: bool,
+    pub unacked: Vec<(DocumentId, u64)>,
+    pub persist_count: usize,
+}
+
+struct Link {
+    a: usize,
+    b: usize,
+    a_conn: ConnId,
+    b_conn: ConnId,
+    to_a: VecDeque<Vec<u8>>,
+    to_b: VecDeque<Vec<u8>>,
+    up: bool,
+}
+
+/// Engines joined by in-order links; frames cross through `protocol::encode/decode`.
+#[derive(Default)]
+pub struct Net {
+    pub nodes: Vec<Node>,
+    links: Vec<Link>,
+    pub now: Millis,
+    next_conn: u64,
+    /// Frames and bytes that crossed any link (counted when sent).
+    pub messages: u64,
+    pub bytes: u64,
+    /// Print every frame sent (set `SHEAF_NET_VERBOSE`).
+    pub verbose: bool,
+    /// When set, every frame sent is recorded in `sent` as (sender node, type, doc, bytes).
+    pub record: bool,
+    pub sent: Vec<(usize, &'static str, Option<DocumentId>, usize)>,
+}
+
+pub fn peer_config(name: &str) -> EngineConfig {
+    EngineConfig::peer(
+        PeerId::new(name),
+        Some(StorageId::new(format!("{name}-storage"))),
+    )
+}
+
+pub fn relay_config(name: &str) -> EngineConfig {
+    EngineConfig::relay(
+        PeerId::new(name),
+        Some(StorageId::new(format!("{name}-storage"))),
+    )
+}
+
+impl Net {
+    pub fn new() -> Self {
+        Self {
+            next_conn: 1,
+            verbose: std::env::var_os("SHEAF_NET_VERBOSE").is_some(),
+            ..Default::default()
+        }
+    }
+
+    pub fn add(&mut self, config: EngineConfig) -> usize {
+        self.nodes.push(Node {
+            engine: Engine::new(config),
+            inputs: Vec::new(),
+            chunks: HashMap::new(),
+            preloaded: HashMap::new(),
+            sync_states: HashMap::new(),
+            events: Vec::new(),
+            log: Vec::new(),
+            auto_persist: true,
+            unacked: Vec::new(),
+            persist_count: 0,
+        });
+        self.nodes.len() - 1
+    }
+
+    /// Open a connection: `client` dials `server`. Returns (client's conn, server's conn).
+    pub fn connect(&mut self, client: usize, server: usize) -> (ConnId, ConnId) {
+        let a_conn = ConnId(self.next_conn);
+        let b_conn = ConnId(self.next_conn + 1);
+        self.next_conn += 2;
+        self.nodes[client].inputs.push(Input::ConnOpened {
+            conn: a_conn,
+            direction: Direction::Outgoing,
+        });
+        self.nodes[server].inputs.push(Input::ConnOpened {
+            conn: b_conn,
+            direction: Direction::Incoming,
+        });
+        self.links.push(Link {
+            a: client,
+            b: server,
+            a_conn,
+            b_conn,
+            to_a: VecDeque::new(),
+            to_b: VecDeque::new(),
+            up: true,
+        });
+        (a_conn, b_conn)
+    }
+
+    pub fn push(&mut self, node: usize, input: Input) {
+        self.nodes[node].inputs.push(input);
+    }
+
+    /// Handle the node's queued inputs as one batch; false if it had none.
+    pub fn run_node(&mut self, node: usize) -> bool {
+        if self.nodes[node].inputs.is_empty() {
+            return false;
+        }
+        let inputs = std::mem::take(&mut self.nodes[node].inputs);
+        let effects = self.nodes[node].engine.handle_batch(self.now, inputs);
+        self.apply_effects(node, effects);
+        true
+    }
+
+    pub fn apply_effects(&mut self, node: usize, effects: Vec<Effect>) {
+        for e in effects {
+            match e {
+                Effect::Send { conn, msg } => self.send(node, conn, &msg),
+                Effect::Close { conn, reason } => {
+                    self.nodes[node]
+                        .log
+                        .push(format!("close {conn:?}: {reason}"));
+                    if let Some(i) = self.link_of(node, conn) {
+                        self.links[i].up = false;
+                        let l = &self.links[i];
+                        let (other, oc) = if l.a == node {
+                            (l.b, l.b_conn)
+                        } else {
+                            (l.a, l.a_conn)
+                        };
+                        self.nodes[other]
+                            .inputs
+                            .push(Input::ConnClosed { conn: oc });
+                    }
+                }
+                Effect::Load { doc } => {
+                    let n = &mut self.nodes[node];
+                    n.log.push(format!("load {doc}"));
+                    let am = n.preloaded.remove(&doc).or_else(|| {
+                        n.chunks.get(&doc).map(|cs| {
+                            let mut am = Automerge::new();
+                            for c in cs {
+                                am.load_incremental(c).expect("stored chunk loads");
+                            }
+                            am
+                        })
+                    });
+                    let loaded = am.map(|doc_am| Loaded {
+                        doc: doc_am,
+                        sync_states: n
+                            .sync_states
+                            .iter()
+                            .filter(|((d, _), _)| *d == doc)
+                            .map(|((_, s), v)| (s.clone(), v.clone()))
+                            .collect(),
+                    });
+                    n.inputs.push(Input::Loaded { doc, loaded });
+                }
+                Effect::Persist {
+                    doc, seq, chunk, ..
+                } => {
+                    let n = &mut self.nodes[node];
+                    n.persist_count += 1;
+                    n.log.push(format!("persist {doc} seq {seq}"));
+                    n.chunks.entry(doc).or_default().push(chunk);
+                    if n.auto_persist {
+                        n.inputs.push(Input::Persisted { doc, seq, ok: true });
+                    } else {
+                        n.unacked.push((doc, seq));
+                    }
+                }
+                Effect::SaveSyncState {
+                    doc,
+                    storage_id,
+                    state,
+                } => {
+                    self.nodes[node]
+                        .sync_states
+                        .insert((doc, storage_id), state);
+                }
+                Effect::Event(ev) => self.nodes[node].events.push(ev),
+            }
+        }
+    }
+
+    /// Acknowledge every write the node holds back (with `auto_persist` off).
+    pub fn ack_persists(&mut self, node: usize) {
+        let n = &mut self.nodes[node];
+        for (doc, seq) in n.unacked.drain(..) {
+            n.inputs.push(Input::Persisted { doc, seq, ok: true });
+        }
+    }
+
+    fn link_of(&self, node: usize, conn: ConnId) -> Option<usize> {
+        self.links
+            .iter()
+            .position(|l| (l.a == node && l.a_conn == conn) || (l.b == node && l.b_conn == conn))
+    }
+
+    fn send(&mut self, node: usize, conn: ConnId, msg: &Message) {
+        let Some(i) = self.link_of(node, conn) else {
+            return;
+        };
+        let l = &mut self.links[i];
+        if !l.up {
+            return;
+        }
+        let bytes = protocol::encode(msg);
+        if self.verbose {
+            let summary = match msg {
+                Message::Sync { data, .. } | Message::Request { data, .. } => {
+                    match automerge::sync::Message::decode(data) {
+                        Ok(m) => format!(
+                            "heads {} need {} have {} changes {}",
+                            m.heads.len(),
+                            m.need.len(),
+                            m.have.len(),
+                            m.changes.len()
+                        ),
+                        Err(e) => format!("undecodable: {e}"),
+                    }
+                }
+                _ => String::new(),
+            };
+            eprintln!(
+                "[{}] node {node} {conn:?} -> {} {summary}",
+                self.now.0,
+                msg.type_name()
+            );
+        }
+        self.messages += 1;
+        self.bytes += bytes.len() as u64;
+        if self.record {
+            self.sent
+                .push((node, msg.type_name(), msg.document_id(), bytes.len()));
+        }
+        if l.a == node {
+            l.to_b.push_back(bytes);
+        } else {
+            l.to_a.push_back(bytes);
+        }
+    }
+
+    /// Move every frame in flight into its receiver's inputs; returns how many.
+    pub fn deliver_all(&mut self) -> usize {
+        let mut n = 0;
+        for i in 0..self.links.len() {
+            let l = &mut self.links[i];
+            if !l.up {
+                continue;
+            }
+            let (a, b, ac, bc) = (l.a, l.b, l.a_conn, l.b_conn);
+            let to_a: Vec<Vec<u8>> = l.to_a.drain(..).collect();
+            let to_b: Vec<Vec<u8>> = l.to_b.drain(..).collect();
+            n += to_a.len() + to_b.len();
+            for f in to_a {
+                let msg = protocol::decode(&f).expect("frames we encoded decode");
+                self.nodes[a].inputs.push(Input::Received { conn: ac, msg });
+            }
+            for f in to_b {
+                let msg = protocol::decode(&f).expect("frames we encoded decode");
+                self.nodes[b].inputs.push(Input::Received { conn: bc, msg });
+            }
+        }
+        n
+    }
+
+    /// Frames waiting on the link from `from` towards the other end of `conn` (`from`'s conn).
+    pub fn in_flight(&self, from: usize, conn: ConnId) -> Vec<Message> {
+        let Some(i) = self.link_of(from, conn) else {
+            return Vec::new();
+        };
+        let l = &self.links[i];
+        let q = if l.a == from { &l.to_b } else { &l.to_a };
+        q.iter()
+            .map(|f| protocol::decode(f).expect("decodes"))
+            .collect()
+    }
+
+    /// Run every node and deliver every frame until nothing moves. Returns the rounds taken.
+    pub fn settle(&mut self) -> usize {
+        for round in 0..100_000 {
+            let mut busy = false;
+            for node in 0..self.nodes.len() {
+                busy |= self.run_node(node);
+            }
+            busy |= self.deliver_all() > 0;
+            if !busy {
+                return round;
+            }
+        }
+        panic!("network did not settle");
+    }
+
+    /// Advance virtual time and tick every node.
+    pub fn advance(&mut self, ms: u64) {
+        self.now = self.now.plus(ms);
+        for n in &mut self.nodes {
+            n.inputs.push(Input::Tick);
+        }
+    }
+
+    pub fn heads(&self, node: usize, doc: &DocumentId) -> Option<Vec<automerge::ChangeHash>> {
+        self.nodes[node]
+            .engine
+            .document(doc)
+            .map(|d| d.lock().get_heads())
+    }
+}
+
+/// A map of every message type sent in a frame list, for assertions.
+pub fn type_names(msgs: &[Message]) -> Vec<&'static str> {
+    msgs.iter().map(|m| m.type_name()).collect()
+}

@@ -1,0 +1,521 @@
+//! Engine behaviour through the in-memory network (`tests/common`): handshake, requests
+//! and the upload race, `find` before any connection, ephemeral dedup, corrupt changes,
+//! persistence gating and coalescing.
+
+mod common;
+
+use automerge::sync::{ChunkList, Message as SyncMessage};
+use automerge::transaction::Transactable;
+use automerge::{ActorId, Automerge, ObjType, ReadDoc, ROOT};
+use sheafdb::engine::{Effect, Engine, Event, Input, Millis};
+use sheafdb::net::{ConnId, Direction};
+use sheafdb::protocol::{Message, PeerMetadata};
+use sheafdb::{DocumentId, PeerId};
+
+use common::{peer_config, relay_config, Net};
+
+fn join(peer: &str, versions: &[&str]) -> Message {
+    Message::Join {
+        sender_id: PeerId::new(peer),
+        peer_metadata: PeerMetadata::default(),
+        supported_protocol_versions: versions.iter().map(|v| v.to_string()).collect(),
+    }
+}
+
+fn sends(effects: &[Effect], conn: ConnId) -> Vec<&'static str> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Send { conn: c, msg } if *c == conn => Some(msg.type_name()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn closes(effects: &[Effect]) -> Vec<ConnId> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Close { conn, .. } => Some(*conn),
+            _ => None,
+        })
+        .collect()
+}
+
+fn relay_with_conn() -> (Engine, ConnId) {
+    let mut e = Engine::new(relay_config("relay"));
+    let c = ConnId(1);
+    e.handle(
+        Millis(0),
+        Input::ConnOpened {
+            conn: c,
+            direction: Direction::Incoming,
+        },
+    );
+    (e, c)
+}
+
+fn note(text: &str) -> Automerge {
+    let mut doc = Automerge::new();
+    let mut tx = doc.transaction();
+    let t = tx.put_object(ROOT, "text", ObjType::Text).unwrap();
+    tx.splice_text(&t, 0, 0, text).unwrap();
+    tx.commit();
+    doc
+}
+
+fn edit(net: &Net, node: usize, doc: &DocumentId, s: &str) {
+    let shared = net.nodes[node].engine.document(doc).expect("ready");
+    let mut d = shared.lock();
+    let t = d.get(ROOT, "text").unwrap().unwrap().1;
+    let mut tx = d.transaction();
+    tx.splice_text(&t, 0, 0, s).unwrap();
+    tx.commit();
+}
+
+fn has_event(net: &Net, node: usize, f: impl Fn(&Event) -> bool) -> bool {
+    net.nodes[node].events.iter().any(f)
+}
+
+fn sent_types(net: &Net, from: usize) -> Vec<&'static str> {
+    net.sent
+        .iter()
+        .filter(|s| s.0 == from)
+        .map(|s| s.1)
+        .collect()
+}
+
+// ---- handshake --------------------------------------------------------------------------
+
+#[test]
+fn join_is_answered_with_peer() {
+    let (mut e, c) = relay_with_conn();
+    let fx = e.handle(
+        Millis(0),
+        Input::Received {
+            conn: c,
+            msg: join("alice", &["1"]),
+        },
+    );
+    assert_eq!(sends(&fx, c), vec!["peer"]);
+    assert!(closes(&fx).is_empty());
+    assert!(fx.iter().any(|f| matches!(
+        f,
+        Effect::Event(Event::PeerConnected { peer, .. }) if peer.as_str() == "alice"
+    )));
+    assert_eq!(e.connected_peers().count(), 1);
+}
+
+#[test]
+fn unsupported_version_gets_error_and_close() {
+    let (mut e, c) = relay_with_conn();
+    let fx = e.handle(
+        Millis(0),
+        Input::Received {
+            conn: c,
+            msg: join("alice", &["2"]),
+        },
+    );
+    assert_eq!(sends(&fx, c), vec!["error"]);
+    assert_eq!(closes(&fx), vec![c]);
+    assert_eq!(e.connected_peers().count(), 0);
+}
+
+#[test]
+fn message_before_join_gets_error_and_close() {
+    let (mut e, c) = relay_with_conn();
+    let fx = e.handle(
+        Millis(0),
+        Input::Received {
+            conn: c,
+            msg: Message::Sync {
+                sender_id: PeerId::new("alice"),
+                target_id: PeerId::new("relay"),
+                document_id: DocumentId::random(),
+                data: vec![0x42],
+            },
+        },
+    );
+    assert_eq!(sends(&fx, c), vec!["error"]);
+    assert_eq!(closes(&fx), vec![c]);
+}
+
+#[test]
+fn second_join_with_same_peer_id_closes_the_old_connection() {
+    let (mut e, c1) = relay_with_conn();
+    e.handle(
+        Millis(0),
+        Input::Received {
+            conn: c1,
+            msg: join("alice", &["1"]),
+        },
+    );
+    let c2 = ConnId(2);
+    e.handle(
+        Millis(0),
+        Input::ConnOpened {
+            conn: c2,
+            direction: Direction::Incoming,
+        },
+    );
+    let fx = e.handle(
+        Millis(1),
+        Input::Received {
+            conn: c2,
+            msg: join("alice", &["1"]),
+        },
+    );
+    assert_eq!(closes(&fx), vec![c1]);
+    assert_eq!(sends(&fx, c2), vec!["peer"]);
+    let peers: Vec<ConnId> = e.connected_peers().map(|(c, _)| c).collect();
+    assert_eq!(peers, vec![c2]);
+}
+
+// ---- requests and the upload race -------------------------------------------------------
+
+#[test]
+fn request_for_unknown_doc_is_unavailable_only_after_grace() {
+    let mut net = Net::new();
+    let relay = net.add(relay_config("relay"));
+    let a = net.add(peer_config("a"));
+    net.connect(a, relay);
+    net.settle();
+    let grace = net.nodes[relay].engine.config().request_grace_ms;
+    let doc = DocumentId::random();
+    net.record = true;
+    net.push(a, Input::Find { doc });
+    net.settle();
+    assert!(sent_types(&net, a).contains(&"request"));
+    net.advance(grace - 1);
+    net.settle();
+    assert!(!sent_types(&net, relay).contains(&"doc-unavailable"));
+    assert!(!has_event(&net, a, |e| matches!(
+        e,
+        Event::DocUnavailable { .. }
+    )));
+    net.advance(1);
+    net.settle();
+    assert_eq!(
+        sent_types(&net, relay)
+            .iter()
+            .filter(|t| **t == "doc-unavailable")
+            .count(),
+        1
+    );
+    assert!(has_event(
+        &net,
+        a,
+        |e| matches!(e, Event::DocUnavailable { doc: d } if *d == doc)
+    ));
+}
+
+#[test]
+fn request_is_served_when_another_peer_uploads_during_grace() {
+    let mut net = Net::new();
+    let relay = net.add(relay_config("relay"));
+    let a = net.add(peer_config("a"));
+    let b = net.add(peer_config("b"));
+    net.connect(a, relay);
+    net.settle();
+    let doc = DocumentId::random();
+    net.record = true;
+    // `a` asks before the creator has even connected.
+    net.push(a, Input::Find { doc });
+    net.settle();
+    net.advance(100);
+    net.settle();
+    net.connect(b, relay);
+    net.push(
+        b,
+        Input::Create {
+            doc,
+            automerge: note("hello"),
+        },
+    );
+    net.settle();
+    let grace = net.nodes[relay].engine.config().request_grace_ms;
+    net.advance(grace * 2);
+    net.settle();
+    assert!(!sent_types(&net, relay).contains(&"doc-unavailable"));
+    assert!(!has_event(&net, a, |e| matches!(
+        e,
+        Event::DocUnavailable { .. }
+    )));
+    assert!(has_event(
+        &net,
+        a,
+        |e| matches!(e, Event::DocReady { doc: d } if *d == doc)
+    ));
+    assert_eq!(net.heads(a, &doc), net.heads(b, &doc));
+}
+
+#[test]
+fn find_without_connection_waits_and_succeeds_when_a_peer_connects() {
+    let mut net = Net::new();
+    let relay = net.add(relay_config("relay"));
+    let a = net.add(peer_config("a"));
+    let b = net.add(peer_config("b"));
+    let doc = DocumentId::random();
+    net.connect(b, relay);
+    net.push(
+        b,
+        Input::Create {
+            doc,
+            automerge: note("hi"),
+        },
+    );
+    net.settle();
+    // `a` has no connection yet.
+    net.push(a, Input::Find { doc });
+    net.settle();
+    net.advance(60_000);
+    net.settle();
+    assert!(!has_event(&net, a, |e| matches!(
+        e,
+        Event::DocUnavailable { .. }
+    )));
+    assert!(net.heads(a, &doc).is_none());
+    net.connect(a, relay);
+    net.settle();
+    assert!(has_event(
+        &net,
+        a,
+        |e| matches!(e, Event::DocReady { doc: d } if *d == doc)
+    ));
+    assert_eq!(net.heads(a, &doc), net.heads(b, &doc));
+}
+
+// ---- ephemeral ------------------------------------------------------------------------
+
+#[test]
+fn ephemeral_is_forwarded_to_other_peers_once() {
+    let mut net = Net::new();
+    let relay = net.add(relay_config("relay"));
+    let peers: Vec<usize> = (0..3)
+        .map(|i| net.add(peer_config(&format!("p{i}"))))
+        .collect();
+    let conns: Vec<(ConnId, ConnId)> = peers.iter().map(|p| net.connect(*p, relay)).collect();
+    let doc = DocumentId::random();
+    net.push(
+        peers[0],
+        Input::Create {
+            doc,
+            automerge: note("x"),
+        },
+    );
+    net.settle();
+    for p in &peers[1..] {
+        net.push(*p, Input::Find { doc });
+    }
+    net.settle();
+    net.record = true;
+    net.push(
+        peers[0],
+        Input::Broadcast {
+            doc,
+            data: vec![0xa1, 0x61, 0x78, 0x01],
+        },
+    );
+    net.run_node(peers[0]);
+    // Keep a copy of the frame to replay it as a duplicate.
+    let original = net.in_flight(peers[0], conns[0].0);
+    assert_eq!(common::type_names(&original), vec!["ephemeral"]);
+    net.settle();
+    let forwarded = sent_types(&net, relay)
+        .iter()
+        .filter(|t| **t == "ephemeral")
+        .count();
+    assert_eq!(
+        forwarded, 2,
+        "to the two other peers, not back to the sender"
+    );
+    for p in &peers[1..] {
+        let got = net.nodes[*p]
+            .events
+            .iter()
+            .filter(|e| matches!(e, Event::Ephemeral { .. }))
+            .count();
+        assert_eq!(got, 1);
+    }
+    // The same message again (say, re-gossiped by p1): dropped.
+    net.sent.clear();
+    net.push(
+        relay,
+        Input::Received {
+            conn: conns[1].1,
+            msg: original[0].clone(),
+        },
+    );
+    net.settle();
+    assert!(!sent_types(&net, relay).contains(&"ephemeral"));
+}
+
+// ---- corrupt changes ------------------------------------------------------------------
+
+#[test]
+fn corrupt_change_bytes_close_only_that_connection() {
+    let mut net = Net::new();
+    let relay = net.add(relay_config("relay"));
+    let a = net.add(peer_config("a"));
+    let b = net.add(peer_config("b"));
+    let (_, relay_a) = net.connect(a, relay);
+    let (_, relay_b) = net.connect(b, relay);
+    let doc = DocumentId::random();
+    net.push(
+        a,
+        Input::Create {
+            doc,
+            automerge: note("base"),
+        },
+    );
+    net.settle();
+    net.push(b, Input::Find { doc });
+    net.settle();
+    // A real change from `a`, with its bytes damaged.
+    let mut other = net.nodes[a].engine.document(&doc).unwrap().lock().clone();
+    other.set_actor(ActorId::from(vec![9; 16]));
+    let t = other.get(ROOT, "text").unwrap().unwrap().1;
+    let mut tx = other.transaction();
+    tx.splice_text(&t, 0, 0, "evil").unwrap();
+    tx.commit();
+    let mut bytes = other.get_last_local_change().unwrap().raw_bytes().to_vec();
+    let n = bytes.len();
+    for byte in &mut bytes[n / 2..] {
+        *byte ^= 0x5a;
+    }
+    let msg = SyncMessage {
+        heads: other.get_heads(),
+        need: Vec::new(),
+        have: Vec::new(),
+        changes: ChunkList::from(vec![bytes]),
+        flags: None,
+        version: automerge::sync::MessageVersion::V1,
+    };
+    let before = net.heads(relay, &doc);
+    net.push(
+        relay,
+        Input::Received {
+            conn: relay_a,
+            msg: Message::Sync {
+                sender_id: PeerId::new("a"),
+                target_id: PeerId::new("relay"),
+                document_id: doc,
+                data: msg.encode(),
+            },
+        },
+    );
+    net.run_node(relay);
+    let closed: Vec<&String> = net.nodes[relay]
+        .log
+        .iter()
+        .filter(|l| l.starts_with("close"))
+        .collect();
+    assert_eq!(closed.len(), 1, "{closed:?}");
+    assert!(closed[0].contains(&format!("{relay_a:?}")));
+    assert!(has_event(
+        &net,
+        relay,
+        |e| matches!(e, Event::PeerError { conn, .. } if *conn == relay_a)
+    ));
+    assert_eq!(net.heads(relay, &doc), before, "nothing of it applied");
+    net.settle();
+    // `b` still syncs.
+    edit(&net, b, &doc, "ok ");
+    net.push(b, Input::LocalChange { doc });
+    net.settle();
+    assert_eq!(net.heads(relay, &doc), net.heads(b, &doc));
+    let peers: Vec<ConnId> = net.nodes[relay]
+        .engine
+        .connected_peers()
+        .map(|(c, _)| c)
+        .collect();
+    assert_eq!(peers, vec![relay_b]);
+}
+
+// ---- durability and coalescing --------------------------------------------------------
+
+#[test]
+fn no_new_heads_are_advertised_before_persisted() {
+    let mut net = Net::new();
+    let relay = net.add(relay_config("relay"));
+    let a = net.add(peer_config("a"));
+    let b = net.add(peer_config("b"));
+    net.connect(a, relay);
+    net.connect(b, relay);
+    let doc = DocumentId::random();
+    net.push(
+        a,
+        Input::Create {
+            doc,
+            automerge: note("base"),
+        },
+    );
+    net.settle();
+    net.push(b, Input::Find { doc });
+    net.settle();
+    let old = net.heads(relay, &doc).unwrap();
+    net.nodes[relay].auto_persist = false;
+    net.record = true;
+    edit(&net, a, &doc, "new ");
+    net.push(a, Input::LocalChange { doc });
+    net.settle();
+    let new = net.heads(a, &doc).unwrap();
+    assert_eq!(net.heads(relay, &doc).unwrap(), new, "relay applied it");
+    assert_eq!(net.nodes[relay].unacked.len(), 1, "one write waits");
+    // Nothing the relay sent so far advertises the new heads, and `b` lacks them.
+    assert_eq!(net.heads(b, &doc).unwrap(), old);
+    assert!(
+        !net.sent.iter().any(|s| s.0 == relay && s.1 == "sync"),
+        "relay sent sync while its write was in flight: {:?}",
+        net.sent
+    );
+    net.ack_persists(relay);
+    net.settle();
+    assert_eq!(net.heads(b, &doc).unwrap(), new);
+}
+
+#[test]
+fn k_messages_in_one_batch_make_one_persist() {
+    let k = 5;
+    let mut net = Net::new();
+    let holder = net.add(relay_config("holder"));
+    let doc = DocumentId::random();
+    let peers: Vec<usize> = (0..k)
+        .map(|i| net.add(peer_config(&format!("p{i}"))))
+        .collect();
+    for p in &peers {
+        net.connect(*p, holder);
+    }
+    net.push(
+        peers[0],
+        Input::Create {
+            doc,
+            automerge: note("base"),
+        },
+    );
+    net.settle();
+    for p in &peers[1..] {
+        net.push(*p, Input::Find { doc });
+    }
+    net.settle();
+    for (i, p) in peers.iter().enumerate() {
+        edit(&net, *p, &doc, &format!("{i}"));
+        net.push(*p, Input::LocalChange { doc });
+        while net.run_node(*p) {}
+    }
+    net.deliver_all();
+    assert_eq!(net.nodes[holder].inputs.len(), k);
+    let before = net.nodes[holder].persist_count;
+    net.run_node(holder);
+    assert_eq!(
+        net.nodes[holder].persist_count - before,
+        1,
+        "one chunk for K messages"
+    );
+    assert_eq!(net.heads(holder, &doc).unwrap().len(), k);
+    net.settle();
+    let heads = net.heads(holder, &doc);
+    for p in &peers {
+        assert_eq!(net.heads(*p, &doc), heads);
+    }
+}
