@@ -1,0 +1,201 @@
+//! Store benchmarks (issue: store). Prints each figure next to raw Automerge measured in
+//! the same run. `SHEAF_BENCH_QUICK=1` runs a prefix of the trace and fewer notes.
+//!
+//! 1. Replay of automerge-paper through a `Repo` (one change per edit, every change
+//!    persisted, not fsynced per edit) vs raw `AutoCommit` in memory: throughput ratio.
+//! 2. Durable acks: 16 tasks each editing its own note, each edit awaited as saved.
+//! 3. Reopen + load of the trace note after compaction vs `Automerge::load(save())`.
+//! 4. Bytes on disk for the trace note vs `save().len()`; RSS while touching many notes.
+
+#[path = "../tests/common/mod.rs"]
+#[allow(dead_code)]
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use automerge::transaction::Transactable;
+use automerge::{AutoCommit, Automerge, ObjType, ROOT};
+use sheafdb::traces::{self, SequentialTrace};
+use sheafdb::{Repo, RepoConfig};
+
+fn quick() -> bool {
+    std::env::var_os("SHEAF_BENCH_QUICK").is_some()
+}
+
+fn rss_mib() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn dir_bytes(p: &Path) -> u64 {
+    let mut total = 0;
+    if let Ok(rd) = std::fs::read_dir(p) {
+        for e in rd.flatten() {
+            let Ok(md) = e.metadata() else { continue };
+            total += if md.is_dir() {
+                dir_bytes(&e.path())
+            } else {
+                md.len()
+            };
+        }
+    }
+    total
+}
+
+fn raw_replay(trace: &SequentialTrace, n: usize) -> (Duration, AutoCommit) {
+    let start = Instant::now();
+    let mut doc = AutoCommit::new();
+    let text = doc
+        .put_object(ROOT, traces::TEXT_KEY, ObjType::Text)
+        .unwrap();
+    doc.commit();
+    for patches in &trace.txns[..n] {
+        traces::apply_patches(&mut doc, &text, patches).unwrap();
+        doc.commit();
+    }
+    (start.elapsed(), doc)
+}
+
+async fn store_replay(
+    repo: &Repo,
+    trace: &SequentialTrace,
+    n: usize,
+) -> (Duration, sheafdb::DocHandle) {
+    let start = Instant::now();
+    let h = repo.create().await.unwrap();
+    let text = h
+        .change(|tx| tx.put_object(ROOT, traces::TEXT_KEY, ObjType::Text))
+        .unwrap();
+    for patches in &trace.txns[..n] {
+        h.change(|tx| traces::apply_patches(tx, &text, patches))
+            .unwrap();
+    }
+    repo.flush().await.unwrap();
+    (start.elapsed(), h)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let trace = common::sequential("automerge-paper.json.gz");
+    let n = if quick() { 40_000 } else { trace.txns.len() };
+    println!("# store benchmarks (automerge-paper, {n} edits, one change per edit)\n");
+
+    // 1. Replay throughput.
+    let dir = tempfile::tempdir().unwrap();
+    let (raw_t, raw_doc) = raw_replay(&trace, n);
+    let repo = Repo::open(dir.path()).unwrap();
+    let (store_t, h) = store_replay(&repo, &trace, n).await;
+    let stats = repo.store().stats();
+    let ratio = raw_t.as_secs_f64() / store_t.as_secs_f64();
+    println!("1. replay: raw AutoCommit {:.2} s ({:.0} edits/s), through the store {:.2} s ({:.0} edits/s)",
+        raw_t.as_secs_f64(), n as f64 / raw_t.as_secs_f64(), store_t.as_secs_f64(), n as f64 / store_t.as_secs_f64());
+    println!("   throughput ratio store/raw = {ratio:.3} (target >= 0.85); chunks written {}, batches {}, fsyncs {}",
+        stats.chunks_written, stats.batches, stats.fsyncs);
+    if n == trace.txns.len() {
+        assert_eq!(h.with_doc(traces::text), trace.end_content);
+    }
+
+    // 3. Reopen + load after compaction.
+    h.compact().await.unwrap();
+    let id = h.id();
+    let save_bytes = h.with_doc(|d| d.save());
+    let heads = h.heads();
+    drop(h);
+    repo.shutdown().unwrap();
+    drop(repo);
+    let disk = dir_bytes(dir.path());
+
+    let mut load_ts = Vec::new();
+    let mut store_ts = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        let d = Automerge::load(&save_bytes).unwrap();
+        load_ts.push(t.elapsed());
+        assert_eq!(d.get_heads(), heads);
+        drop(d);
+        let t = Instant::now();
+        let repo = Repo::open(dir.path()).unwrap();
+        let h = repo.find(id).await.unwrap();
+        store_ts.push(t.elapsed());
+        assert_eq!(h.heads(), heads);
+        drop(h);
+        repo.shutdown().unwrap();
+    }
+    let best = |v: &Vec<Duration>| v.iter().min().copied().unwrap();
+    let (lt, st) = (best(&load_ts), best(&store_ts));
+    println!("3. reopen+load after compaction {:.1} ms vs Automerge::load {:.1} ms: ratio {:.3} (target <= 1.15)",
+        st.as_secs_f64() * 1e3, lt.as_secs_f64() * 1e3, st.as_secs_f64() / lt.as_secs_f64());
+    println!("4. bytes on disk for the note {} vs save().len() {}: {:.2}x (sled preallocates; see NOTES 3)",
+        disk, save_bytes.len(), disk as f64 / save_bytes.len() as f64);
+    let _ = raw_doc;
+
+    // 2. Durable acks.
+    let dir2 = tempfile::tempdir().unwrap();
+    let repo = Repo::open(dir2.path()).unwrap();
+    let tasks = 16;
+    let per_task = if quick() { 300 } else { 1_500 };
+    let fsyncs_before = repo.store().stats().fsyncs;
+    let start = Instant::now();
+    let mut joins = Vec::new();
+    for _ in 0..tasks {
+        let repo = repo.clone();
+        joins.push(tokio::spawn(async move {
+            let h = repo.create().await.unwrap();
+            let text = h
+                .change(|tx| tx.put_object(ROOT, "text", ObjType::Text))
+                .unwrap();
+            for i in 0..per_task {
+                h.change(|tx| tx.splice_text(&text, i, 0, "x")).unwrap();
+                h.saved().await.unwrap();
+            }
+        }));
+    }
+    for j in joins {
+        j.await.unwrap();
+    }
+    let el = start.elapsed();
+    let acked = tasks * per_task;
+    let fsyncs = repo.store().stats().fsyncs - fsyncs_before;
+    println!("2. durable acks: {tasks} tasks x {per_task} edits, each awaited saved: {:.0} acked edits/s (target >= 20000), {:.1} edits per fsync ({fsyncs} fsyncs)",
+        acked as f64 / el.as_secs_f64(), acked as f64 / fsyncs.max(1) as f64);
+    repo.shutdown().unwrap();
+    drop(repo);
+
+    // 4b. RSS while touching many small notes one by one.
+    let notes = if quick() { 2_000 } else { 10_000 };
+    let dir3 = tempfile::tempdir().unwrap();
+    let repo = Repo::open_with(dir3.path(), RepoConfig::default()).unwrap();
+    let mut ids = Vec::with_capacity(notes);
+    for i in 0..notes {
+        let h = repo.create().await.unwrap();
+        h.change(|tx| tx.put(ROOT, "n", i as i64)).unwrap();
+        ids.push(h.id());
+    }
+    repo.flush().await.unwrap();
+    repo.shutdown().unwrap();
+    drop(repo);
+    let repo = Arc::new(Repo::open(dir3.path()).unwrap());
+    let mut line = String::new();
+    let base = rss_mib();
+    for (i, id) in ids.iter().enumerate() {
+        let h = repo.find(*id).await.unwrap();
+        h.change(|tx| tx.put(ROOT, "touched", true)).unwrap();
+        drop(h);
+        if (i + 1) % (notes / 5) == 0 {
+            line.push_str(&format!(
+                " {}:{:.0}MiB(loaded {})",
+                i + 1,
+                rss_mib(),
+                repo.loaded_documents().await
+            ));
+        }
+    }
+    println!("4b. RSS touching {notes} notes one by one (start {base:.0} MiB):{line}");
+    repo.flush().await.unwrap();
+}
