@@ -93,6 +93,8 @@ pub(super) struct DocEntry {
     next_seq: u64,
     /// Chunks on their way to disk: seq -> heads once applied.
     in_flight: BTreeMap<u64, Vec<ChangeHash>>,
+    /// The bytes a fresh copy arrived as, with the heads they make (persisted as they are).
+    first_chunk: Option<(Vec<ChangeHash>, Vec<u8>)>,
     /// Persisted sync state per peer storage, to seed peers that connect.
     sync_states: HashMap<StorageId, Vec<u8>>,
 }
@@ -118,6 +120,7 @@ fn blank(now: Millis, phase: DocPhase, doc: Automerge) -> DocEntry {
         durable_heads: Vec::new(),
         next_seq: 1,
         in_flight: BTreeMap::new(),
+        first_chunk: None,
         sync_states: HashMap::new(),
     }
 }
@@ -321,7 +324,14 @@ impl DocEntry {
         }
         let mut doc = self.doc.lock();
         let mut bad: Vec<ConnId> = rejected;
-        if !all.is_empty() && doc.load_incremental(&all).is_err() {
+        let was_empty = doc.get_heads().is_empty();
+        if !all.is_empty() && doc.load_incremental(&all).is_ok() {
+            if was_empty && bad.is_empty() {
+                // A fresh copy arrived whole: store the bytes as they came instead of
+                // saving the document again (a second full encode of a big note).
+                self.first_chunk = Some((doc.get_heads(), std::mem::take(&mut all)));
+            }
+        } else if !all.is_empty() {
             // Find the culprit(s); whatever is valid is applied (changes are idempotent).
             for (conn, r) in &ranges {
                 if let Err(e) = doc.load_incremental(&all[r.clone()]) {
@@ -375,7 +385,10 @@ impl DocEntry {
             return;
         }
         let snapshot = self.persist_heads.is_empty();
-        let chunk = if snapshot {
+        let first = self.first_chunk.take().filter(|(h, _)| *h == heads);
+        let chunk = if let Some((_, bytes)) = first {
+            bytes
+        } else if snapshot {
             doc.save()
         } else {
             doc.save_after(&self.persist_heads)
