@@ -187,3 +187,51 @@ async fn two_peers_sync_through_a_relay_and_see_each_others_changes() {
     .expect("a synced")
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opening_a_store_with_100k_notes_loads_none_of_them() {
+    let n = if cfg!(debug_assertions) {
+        10_000
+    } else {
+        100_000
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut one = automerge::Automerge::new();
+    let mut tx = one.transaction();
+    tx.put(ROOT, "n", 1).unwrap();
+    tx.commit();
+    let bytes = one.save();
+    let mut ids = Vec::with_capacity(n);
+    {
+        let store = sheafdb::store::Store::open(dir.path(), Default::default()).unwrap();
+        for chunk in 0..n / 10_000 {
+            let ops = (0..10_000)
+                .map(|_| {
+                    let doc = DocumentId::random();
+                    ids.push(doc);
+                    sheafdb::store::WriteOp::AppendChunk {
+                        doc,
+                        bytes: bytes.clone(),
+                    }
+                })
+                .collect();
+            store
+                .write_durable(ops)
+                .await
+                .unwrap_or_else(|e| panic!("batch {chunk}: {e}"));
+        }
+    }
+    let repo = Repo::open(dir.path()).unwrap();
+    assert_eq!(repo.list().unwrap().len(), n);
+    assert_eq!(
+        repo.loaded_documents().await,
+        0,
+        "opening and listing must not load notes"
+    );
+    let h = repo.find(ids[n / 2]).await.unwrap();
+    assert_eq!(
+        h.with_doc(|d| d.get(ROOT, "n").unwrap().unwrap().0.to_i64()),
+        Some(1)
+    );
+    assert_eq!(repo.loaded_documents().await, 1);
+}
