@@ -214,11 +214,7 @@ impl DocEntry {
                 at(s.plus(config.max_hold_ms));
             }
         }
-        if self.peers.is_empty()
-            && self.inbox.is_empty()
-            && self.in_flight.is_empty()
-            && self.phase != DocPhase::Loading
-        {
+        if self.idle() {
             at(self.last_activity.plus(config.evict_idle_ms));
         }
         t
@@ -495,9 +491,19 @@ impl DocEntry {
         }
     }
 
+    /// Nothing keeps the document in memory but (maybe) a handle: no peer, no queued message,
+    /// no write in flight, not loading, and no local `find` waiting for a peer to supply it
+    /// (evicting that one would forget the request: the app would never hear back).
+    fn idle(&self) -> bool {
+        self.peers.is_empty()
+            && self.inbox.is_empty()
+            && self.in_flight.is_empty()
+            && self.phase != DocPhase::Loading
+            && !(self.local_want && self.phase == DocPhase::Requesting)
+    }
+
     fn check_evict(&mut self, now: Millis, config: &EngineConfig, out: &mut StepOutput) {
-        let idle = self.peers.is_empty() && self.inbox.is_empty() && self.in_flight.is_empty();
-        if !idle || now.saturating_sub(self.last_activity) < config.evict_idle_ms {
+        if !self.idle() || now.saturating_sub(self.last_activity) < config.evict_idle_ms {
             return;
         }
         if Arc::strong_count(&self.doc) > 1 {

@@ -764,9 +764,10 @@ impl Sim {
             for n in self.nodes.iter().filter(|n| !n.relay) {
                 let Some(h) = n.handles.get(d) else {
                     return Err(format!(
-                        "{} has no handle for {d} (unavailable: {})",
+                        "{} has no handle for {d} (unavailable: {}, engine phase: {:?})",
                         n.name,
-                        n.unavailable.contains(d)
+                        n.unavailable.contains(d),
+                        n.engine.as_ref().and_then(|e| e.phase(d))
                     ));
                 };
                 let doc = h.lock();
