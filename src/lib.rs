@@ -16,9 +16,13 @@
 //!   loop (limits, keepalive, close codes), `/health` and Prometheus `/metrics`.
 //! - [`sim`]: the deterministic network simulator (tests, fuzzing).
 //! - [`error`]: the crate's top-level error.
+//! - `fuzzing` (hidden): bodies of the cargo-fuzz targets in `fuzz/`, shared with
+//!   `tests/fuzz_regressions.rs`.
 
 pub mod engine;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod id;
 pub mod net;
 pub mod protocol;
