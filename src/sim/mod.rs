@@ -473,6 +473,12 @@ impl Sim {
             }
             Event::DocUnavailable { doc } => {
                 self.nodes[node].unavailable.insert(doc);
+                let msg = format!("{}: {doc} unavailable", self.nodes[node].name);
+                self.log(msg);
+            }
+            Event::Evicted { doc } => {
+                let msg = format!("{}: {doc} evicted", self.nodes[node].name);
+                self.log(msg);
             }
             Event::PeerError { error, .. } => {
                 let msg = format!("{}: peer error {error}", self.nodes[node].name);
