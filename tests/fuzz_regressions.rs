@@ -21,7 +21,7 @@ fn files(dir: &Path) -> Vec<PathBuf> {
     };
     let mut v: Vec<PathBuf> = rd
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_file() && !p.file_name().is_some_and(|n| n == "README.md"))
+        .filter(|p| p.is_file() && p.file_name().is_none_or(|n| n != "README.md"))
         .collect();
     v.sort();
     v
