@@ -19,9 +19,13 @@
 //! - `traces`: loaders for the editing traces in `shared/traces` and document builders
 //!   (tests and benchmarks; hidden from the docs).
 //! - [`error`]: the crate's top-level error.
+//! - `fuzzing` (hidden): bodies of the cargo-fuzz targets in `fuzz/`, shared with
+//!   `tests/fuzz_regressions.rs`.
 
 pub mod engine;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod id;
 pub mod net;
 pub mod protocol;

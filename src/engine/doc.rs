@@ -202,12 +202,6 @@ impl DocEntry {
         true
     }
 
-    /// A local `find` is still waiting for a peer to have this document: evicting it
-    /// would drop the request silently (no `DocReady`, no `DocUnavailable`).
-    fn waited_for(&self) -> bool {
-        self.local_want && self.phase == DocPhase::Requesting
-    }
-
     fn gated(&self, config: &EngineConfig) -> bool {
         config.durable_before_send && !self.in_flight.is_empty()
     }
@@ -223,12 +217,7 @@ impl DocEntry {
                 at(s.plus(config.max_hold_ms));
             }
         }
-        if self.peers.is_empty()
-            && self.inbox.is_empty()
-            && self.in_flight.is_empty()
-            && self.phase != DocPhase::Loading
-            && !self.waited_for()
-        {
+        if self.idle() {
             at(self.last_activity.plus(config.evict_idle_ms));
         }
         t
@@ -541,8 +530,19 @@ impl DocEntry {
         }
     }
 
+    /// Nothing keeps the document in memory but (maybe) a handle: no peer, no queued message,
+    /// no write in flight, not loading, and no local `find` waiting for a peer to supply it
+    /// (evicting that one would forget the request: the app would never hear back).
+    fn idle(&self) -> bool {
+        self.peers.is_empty()
+            && self.inbox.is_empty()
+            && self.in_flight.is_empty()
+            && self.phase != DocPhase::Loading
+            && !(self.local_want && self.phase == DocPhase::Requesting)
+    }
+
     fn check_evict(&mut self, now: Millis, config: &EngineConfig, out: &mut StepOutput) {
-        if now.saturating_sub(self.last_activity) < config.evict_idle_ms || !self.quiet() {
+        if !self.idle() || now.saturating_sub(self.last_activity) < config.evict_idle_ms {
             return;
         }
         if Arc::strong_count(&self.doc) > 1 {
@@ -553,19 +553,10 @@ impl DocEntry {
         out.evict = self.evictable();
     }
 
-    /// Nothing in flight, nobody syncing it.
-    fn quiet(&self) -> bool {
-        self.peers.is_empty()
-            && self.inbox.is_empty()
-            && self.in_flight.is_empty()
-            && self.phase != DocPhase::Loading
-            && !self.waited_for()
-    }
-
     /// Can be dropped from memory without losing anything: quiet, every change on disk, and
     /// no handle holds it.
     pub fn evictable(&self) -> bool {
-        self.quiet()
+        self.idle()
             && Arc::strong_count(&self.doc) == 1
             && self.persist_heads == self.doc.lock().get_heads()
     }

@@ -585,6 +585,10 @@ impl Engine {
         if d.phase != DocPhase::Loading {
             return;
         }
+        // Loading took time: the idle clock starts now, or a document whose load finished
+        // after `evict_idle_ms` would be evicted in this very step, before the app that asked
+        // for it can take a handle.
+        d.last_activity = now;
         match loaded {
             Some(l) => {
                 let heads = l.doc.get_heads();

@@ -1,13 +1,19 @@
 //! Random edits of every kind sheaf documents see: map puts and deletes, list inserts and
 //! removes, text splices, counter increments and nested maps.
 
-use automerge::transaction::Transactable;
-use automerge::{Automerge, ObjType, ReadDoc, ScalarValue, ROOT};
+use automerge::transaction::{CommitOptions, Transactable};
+use automerge::{ActorId, Automerge, ObjType, ReadDoc, ScalarValue, ROOT};
 use rand::Rng;
+
+/// Changes are stamped with time 0 so that, with the actor drawn from the RNG (here) or fixed
+/// by the caller, a change's hash depends only on the RNG: runs replay exactly.
+fn fixed_time() -> CommitOptions {
+    CommitOptions::default().with_time(0)
+}
 
 /// A document with a list, a text, a counter and a nested map, as one change.
 pub fn seed_document<R: Rng + ?Sized>(rng: &mut R) -> Automerge {
-    let mut doc = Automerge::new();
+    let mut doc = Automerge::new().with_actor(ActorId::from(rng.gen::<[u8; 16]>()));
     let mut tx = doc.transaction();
     tx.put_object(ROOT, "list", ObjType::List)
         .expect("fresh doc");
@@ -20,7 +26,7 @@ pub fn seed_document<R: Rng + ?Sized>(rng: &mut R) -> Automerge {
         .expect("fresh doc");
     tx.put(&nested, "seed", rng.gen::<u32>() as i64)
         .expect("fresh doc");
-    tx.commit();
+    tx.commit_with(fixed_time());
     doc
 }
 
@@ -98,6 +104,6 @@ pub fn random_edit<R: Rng + ?Sized>(doc: &mut Automerge, rng: &mut R) -> String 
         }
         _ => "noop".into(),
     };
-    tx.commit();
+    tx.commit_with(fixed_time());
     desc
 }

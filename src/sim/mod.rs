@@ -18,7 +18,7 @@ pub use edits::{random_edit, seed_document};
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use automerge::{Automerge, ReadDoc};
+use automerge::{ActorId, Automerge, ReadDoc};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -26,6 +26,35 @@ use crate::engine::{Effect, Engine, EngineConfig, Event, Input, Loaded, Millis, 
 use crate::id::{DocumentId, PeerId, StorageId};
 use crate::net::{ConnId, Direction};
 use crate::protocol::{self, Message};
+
+/// One thing that can happen in the simulation. [`Sim::step`] picks one at random; a fuzzer
+/// (or a test) can drive [`Sim::apply`] with a schedule of its own. Node, link and count
+/// fields are taken modulo what exists when the action is applied.
+#[derive(Debug, Clone, PartialEq, Eq, arbitrary::Arbitrary)]
+pub enum Action {
+    /// The node handles every queued input as one batch.
+    RunNode(u8),
+    /// Frames due on a link are delivered (queued as inputs of the receiving ends).
+    Deliver(u16),
+    /// A local edit on a (non-relay) peer; `seed` picks the document and the edit.
+    Edit { node: u8, seed: u64 },
+    /// The node's group commit completes: its pending writes are acknowledged.
+    Commit(u8),
+    /// Virtual time advances by `ms` (at least 1) and the node gets a tick.
+    Tick { node: u8, ms: u16 },
+    /// A link goes down, losing its in-flight frames.
+    Drop(u16),
+    /// Two nodes cannot reach each other (their links drop) until `Heal`.
+    Partition(u8, u8),
+    /// Partitions end; dropped links reconnect.
+    Heal,
+    /// The node crashes; `keep` (modulo pending + 1) of its unacknowledged writes survive.
+    Crash { node: u8, keep: u16 },
+    /// Every crashed node restarts; dropped links reconnect.
+    Restart,
+    /// Dropped links reconnect (unless partitioned or an end is down).
+    Reconnect,
+}
 
 /// Shape of the simulated network.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,9 +135,19 @@ pub struct Node {
     /// Documents the app wants (found or created), re-found after a restart.
     pub wanted: BTreeSet<DocumentId>,
     pub unavailable: BTreeSet<DocumentId>,
+    index: u8,
+    /// How many times this node was (re)started; part of its actor id.
+    incarnation: u32,
 }
 
 impl Node {
+    /// The actor this incarnation of the node edits as.
+    fn actor(&self) -> ActorId {
+        let mut bytes = vec![0x5e, self.index];
+        bytes.extend_from_slice(&self.incarnation.to_be_bytes());
+        ActorId::from(bytes)
+    }
+
     fn new_engine(&self) -> Engine {
         let cfg = if self.relay {
             EngineConfig::relay(self.peer_id.clone(), Some(self.storage_id.clone()))
@@ -174,6 +213,8 @@ impl Sim {
                 handles: BTreeMap::new(),
                 wanted: BTreeSet::new(),
                 unavailable: BTreeSet::new(),
+                index: i as u8,
+                incarnation: 0,
             });
         }
         for n in nodes.iter_mut() {
@@ -330,7 +371,9 @@ impl Sim {
         }
     }
 
-    fn crash(&mut self, node: usize) {
+    /// Crash `node`: memory and links are lost; of its unacknowledged writes, the first
+    /// `keep % (pending + 1)` reached the disk.
+    fn crash(&mut self, node: usize, keep: usize) {
         if self.nodes[node].engine.is_none() {
             return;
         }
@@ -346,7 +389,7 @@ impl Sim {
         n.handles.clear();
         // Group commit is atomic per batch and ordered: a prefix of pending writes may
         // have reached the disk before the crash; nothing acknowledged is lost.
-        let keep = self.rng.gen_range(0..=n.pending_writes.len());
+        let keep = keep % (n.pending_writes.len() + 1);
         for (doc, _, chunk) in n.pending_writes.drain(..).take(keep) {
             n.disk.chunks.entry(doc).or_default().push(chunk);
         }
@@ -363,6 +406,7 @@ impl Sim {
         let engine = self.nodes[node].new_engine();
         let n = &mut self.nodes[node];
         n.engine = Some(engine);
+        n.incarnation += 1;
         let wanted: Vec<DocumentId> = n.wanted.iter().copied().collect();
         for d in wanted {
             n.inputs.push(Input::Find { doc: d });
@@ -429,6 +473,12 @@ impl Sim {
             }
             Event::DocUnavailable { doc } => {
                 self.nodes[node].unavailable.insert(doc);
+                let msg = format!("{}: {doc} unavailable", self.nodes[node].name);
+                self.log(msg);
+            }
+            Event::Evicted { doc } => {
+                let msg = format!("{}: {doc} evicted", self.nodes[node].name);
+                self.log(msg);
             }
             Event::PeerError { error, .. } => {
                 let msg = format!("{}: peer error {error}", self.nodes[node].name);
@@ -518,46 +568,84 @@ impl Sim {
         }
     }
 
-    /// One random step.
+    /// One random step: pick a random [`Action`] and [`apply`](Self::apply) it.
     pub fn step(&mut self) {
+        if let Some(action) = self.random_action() {
+            self.apply(&action);
+        }
+    }
+
+    /// What the seeded scheduler does next (`None`: nothing this step, e.g. a fault roll
+    /// with faults off, or no links to deliver on).
+    pub fn random_action(&mut self) -> Option<Action> {
         let roll = self.rng.gen_range(0..100u32);
         let nodes = self.nodes.len();
-        match roll {
-            0..=29 => {
-                let node = self.rng.gen_range(0..nodes);
-                self.run_node(node);
+        let links = self.links.len();
+        let node = |rng: &mut StdRng| rng.gen_range(0..nodes) as u8;
+        Some(match roll {
+            0..=29 => Action::RunNode(node(&mut self.rng)),
+            30..=54 if links == 0 => return None,
+            30..=54 => Action::Deliver(self.rng.gen_range(0..links) as u16),
+            55..=74 => Action::Edit {
+                node: self.rng.gen_range(0..self.config.peers) as u8,
+                seed: self.rng.gen(),
+            },
+            75..=84 => Action::Commit(node(&mut self.rng)),
+            85..=91 => Action::Tick {
+                ms: self.rng.gen_range(1..=self.config.max_delay_ms.max(1)) as u16,
+                node: node(&mut self.rng),
+            },
+            _ if !self.config.faults => return None,
+            92..=94 if links == 0 => return None,
+            92..=94 => Action::Drop(self.rng.gen_range(0..links) as u16),
+            95 => Action::Partition(node(&mut self.rng), node(&mut self.rng)),
+            96 => Action::Heal,
+            97 => {
+                let n = node(&mut self.rng);
+                let pending = self.nodes[usize::from(n)].pending_writes.len();
+                Action::Crash {
+                    node: n,
+                    keep: self.rng.gen_range(0..=pending) as u16,
+                }
             }
-            30..=54 => {
+            98 => Action::Restart,
+            _ => Action::Reconnect,
+        })
+    }
+
+    /// Carry out one action. Indices are taken modulo what exists (nodes, links, pending
+    /// writes), so any action is valid in any state: a fuzzer can drive the simulator with
+    /// arbitrary schedules.
+    pub fn apply(&mut self, action: &Action) {
+        let nodes = self.nodes.len();
+        let node = |n: u8| usize::from(n) % nodes;
+        match *action {
+            Action::RunNode(n) => {
+                self.run_node(node(n));
+            }
+            Action::Deliver(i) => {
                 if !self.links.is_empty() {
-                    let i = self.rng.gen_range(0..self.links.len());
+                    let i = usize::from(i) % self.links.len();
                     self.deliver(i, false);
                 }
             }
-            55..=74 => {
-                let node = self.rng.gen_range(0..self.config.peers);
-                self.local_edit(node);
+            Action::Edit { node: n, seed } => {
+                let n = usize::from(n) % self.config.peers;
+                self.local_edit(n, seed);
             }
-            75..=84 => {
-                let node = self.rng.gen_range(0..nodes);
-                self.commit(node);
+            Action::Commit(n) => self.commit(node(n)),
+            Action::Tick { node: n, ms } => {
+                self.now = self.now.plus(u64::from(ms.max(1)));
+                self.nodes[node(n)].inputs.push(Input::Tick);
             }
-            85..=91 => {
-                self.now = self
-                    .now
-                    .plus(self.rng.gen_range(1..=self.config.max_delay_ms.max(1)));
-                let node = self.rng.gen_range(0..nodes);
-                self.nodes[node].inputs.push(Input::Tick);
-            }
-            _ if !self.config.faults => {}
-            92..=94 => {
+            Action::Drop(i) => {
                 if !self.links.is_empty() {
-                    let i = self.rng.gen_range(0..self.links.len());
+                    let i = usize::from(i) % self.links.len();
                     self.drop_link(i);
                 }
             }
-            95 => {
-                let a = self.rng.gen_range(0..nodes);
-                let b = self.rng.gen_range(0..nodes);
+            Action::Partition(a, b) => {
+                let (a, b) = (node(a), node(b));
                 if a != b {
                     self.partitions.insert((a.min(b), a.max(b)));
                     for i in 0..self.links.len() {
@@ -570,41 +658,43 @@ impl Sim {
                     self.log(msg);
                 }
             }
-            96 => {
+            Action::Heal => {
                 self.partitions.clear();
                 self.reconnect_dropped();
                 self.log("heal partitions".into());
             }
-            97 => {
-                let node = self.rng.gen_range(0..nodes);
-                self.crash(node);
-            }
-            98 => {
+            Action::Crash { node: n, keep } => self.crash(node(n), usize::from(keep)),
+            Action::Restart => {
                 for node in 0..nodes {
                     self.restart(node);
                 }
                 self.reconnect_dropped();
             }
-            _ => self.reconnect_dropped(),
+            Action::Reconnect => self.reconnect_dropped(),
         }
     }
 
-    /// A random local edit through a handle the app on `node` holds.
-    pub fn local_edit(&mut self, node: usize) {
+    /// A random local edit through a handle the app on `node` holds; `seed` picks the
+    /// document and the edit. Each incarnation of a node edits as its own actor (as an app
+    /// that loads a document gets a fresh actor), fixed so that runs replay exactly.
+    pub fn local_edit(&mut self, node: usize, seed: u64) {
         let n = &self.nodes[node];
         if n.handles.is_empty() || n.engine.is_none() {
             return;
         }
-        let k = self.rng.gen_range(0..n.handles.len());
+        let mut rng = StdRng::seed_from_u64(seed);
+        let k = rng.gen_range(0..n.handles.len());
         let (id, h) = n
             .handles
             .iter()
             .nth(k)
             .map(|(i, h)| (*i, h.clone()))
             .expect("k < len");
+        let actor = n.actor();
         let desc = {
             let mut doc = h.lock();
-            random_edit(&mut doc, &mut self.rng)
+            doc.set_actor(actor);
+            random_edit(&mut doc, &mut rng)
         };
         self.nodes[node].inputs.push(Input::LocalChange { doc: id });
         let msg = format!("{} edits {id}: {desc}", self.nodes[node].name);
@@ -680,9 +770,10 @@ impl Sim {
             for n in self.nodes.iter().filter(|n| !n.relay) {
                 let Some(h) = n.handles.get(d) else {
                     return Err(format!(
-                        "{} has no handle for {d} (unavailable: {})",
+                        "{} has no handle for {d} (unavailable: {}, engine phase: {:?})",
                         n.name,
-                        n.unavailable.contains(d)
+                        n.unavailable.contains(d),
+                        n.engine.as_ref().and_then(|e| e.phase(d))
                     ));
                 };
                 let doc = h.lock();

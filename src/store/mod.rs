@@ -54,8 +54,14 @@ pub use stats::StoreStats;
 
 use crate::id::DocumentId;
 use durability::Durability;
+
+// For the fuzz harness (`crate::fuzzing`), which writes raw keys and values.
+pub(crate) use checksum::seal as raw_seal;
+pub(crate) use keys::chunk_key as raw_chunk_key;
 use sizes::SizeTable;
 use stats::Counters;
+/// Whether a payload passes the verification every stored chunk gets at load time.
+pub(crate) use validate::validate as validate_chunk;
 use writer::{Request, Writer};
 
 /// The document store. Cheap to clone; all clones share one database and one writer thread.
@@ -224,6 +230,16 @@ impl Store {
 
     pub fn stats(&self) -> StoreStats {
         self.inner.counters.snapshot()
+    }
+
+    /// A sled tree by number (0 `data`, 1 `docs`, else `quarantine`), for the fuzz harness to
+    /// write what a corrupt or foreign database could hold.
+    pub(crate) fn raw_tree(&self, n: u8) -> &sled::Tree {
+        match n {
+            0 => &self.inner.data,
+            1 => &self.inner.docs,
+            _ => &self.inner.quarantine,
+        }
     }
 }
 

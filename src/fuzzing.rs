@@ -1,0 +1,507 @@
+//! Bodies of the cargo-fuzz targets in `fuzz/`, kept in the library so that
+//! `tests/fuzz_regressions.rs` replays every committed crash and seed through the very same
+//! code (the targets are one-liners calling these).
+//!
+//! Each function takes raw fuzz bytes, reads them through [`arbitrary::Unstructured`] (any
+//! bytes are a valid input; missing bytes read as zeros) and panics only on a real bug:
+//!
+//! - [`converge`]: a schedule of [`sim::Action`]s on 2-5 peers, then heal and settle; every
+//!   replica must have identical heads and content.
+//! - [`wire_decode`]: [`protocol::decode`] never panics, and what decodes re-encodes to bytes
+//!   that decode to the same message.
+//! - [`sync_message`]: bytes as an incoming `sync`/`request` for a document the engine holds,
+//!   on a ready connection: a typed error and a close, or a merge; never a panic; what the
+//!   engine persisted reloads to the engine's heads and passes the store's verification.
+//! - [`store_load`]: arbitrary chunks written through [`Store`] and raw keys and values put
+//!   straight into its sled trees: loading never panics, and a load after the quarantine is
+//!   clean and gives the same document.
+//!
+//! Byte layouts are simple (a flag byte, then lengths as two big-endian bytes) so that seed
+//! corpora can be written from real messages and chunks: see [`seeds`].
+
+use arbitrary::{Arbitrary, Unstructured};
+use automerge::sync::{ChunkList, Message as SyncMessage, MessageVersion};
+use automerge::{Automerge, ReadDoc};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+use crate::engine::{Effect, Engine, EngineConfig, Event, Input, Millis};
+use crate::id::{DocumentId, PeerId, StorageId};
+use crate::net::{ConnId, Direction};
+use crate::protocol::{self, Message, PeerMetadata, PROTOCOL_VERSION};
+use crate::sim::{self, Action, Sim, SimConfig, Topology};
+use crate::store::{ChunkKind, Store, WriteOp};
+
+/// At most this many actions per `converge` input (keeps one execution well under a second).
+pub const MAX_ACTIONS: usize = 400;
+
+/// Reads a length (two big-endian bytes) and then up to that many bytes.
+fn chunk<'a>(u: &mut Unstructured<'a>) -> &'a [u8] {
+    let len = match u.bytes(2) {
+        Ok(b) => usize::from(u16::from_be_bytes([b[0], b[1]])),
+        Err(_) => return &[],
+    };
+    let len = len.min(u.len());
+    u.bytes(len).unwrap_or(&[])
+}
+
+fn byte(u: &mut Unstructured<'_>) -> u8 {
+    u8::arbitrary(u).unwrap_or(0)
+}
+
+// ---- converge --------------------------------------------------------------------------------
+
+/// Layout: `[peers][topology|docs][max delay][seed: 8]` then [`Action`]s (derived `Arbitrary`).
+pub fn converge(data: &[u8]) {
+    let mut u = Unstructured::new(data);
+    let peers = 2 + usize::from(byte(&mut u) % 4);
+    let b = byte(&mut u);
+    let topology = if b & 1 == 0 {
+        Topology::Star
+    } else {
+        Topology::Mesh
+    };
+    let docs = 1 + usize::from((b >> 1) & 1);
+    let max_delay_ms = u64::from(byte(&mut u) % 51);
+    let seed = u64::arbitrary(&mut u).unwrap_or(0);
+    let config = SimConfig {
+        peers,
+        docs,
+        topology,
+        max_delay_ms,
+        steps: 0,
+        faults: true,
+    };
+    let mut sim = Sim::new(seed, config.clone());
+    let mut actions = Vec::new();
+    while !u.is_empty() && actions.len() < MAX_ACTIONS {
+        let Ok(a) = Action::arbitrary(&mut u) else {
+            break;
+        };
+        sim.apply(&a);
+        actions.push(a);
+    }
+    let result = sim.heal_and_settle().and_then(|_| sim.check_converged());
+    if let Err(e) = result {
+        let keep = if sim.verbose { usize::MAX } else { 80 };
+        let tail: Vec<&String> = sim.trace.iter().rev().take(keep).collect();
+        for line in tail.into_iter().rev() {
+            eprintln!("{line}");
+        }
+        panic!("did not converge: {e}\nconfig: {config:?}, seed {seed}\nactions: {actions:?}");
+    }
+}
+
+// ---- wire_decode -----------------------------------------------------------------------------
+
+/// Layout: the bytes are one frame.
+pub fn wire_decode(data: &[u8]) {
+    let Ok(msg) = protocol::decode(data) else {
+        return;
+    };
+    let bytes = protocol::encode(&msg);
+    let again = protocol::decode(&bytes)
+        .unwrap_or_else(|e| panic!("re-encoding of {msg:?} does not decode: {e}"));
+    // `Debug` equality too, so a NaN timestamp (never `==` itself) still has to round-trip.
+    if again != msg && format!("{again:?}") != format!("{msg:?}") {
+        panic!("round trip changed the message:\n  {msg:?}\n  {again:?}");
+    }
+    assert_eq!(
+        protocol::encode(&again),
+        bytes,
+        "encoding is not stable for {msg:?}"
+    );
+}
+
+// ---- sync_message ----------------------------------------------------------------------------
+
+/// The document the `sync_message` engine holds: [`sim::seed_document`] from a fixed seed
+/// plus `edits` fixed-actor edits, so heads are the same on every run.
+pub fn sync_base_document(edits: u8) -> Automerge {
+    let mut rng = StdRng::seed_from_u64(0x5eaf);
+    let mut doc = sim::seed_document(&mut rng);
+    doc.set_actor(automerge::ActorId::from(b"sheaf-fuzz-local".to_vec()));
+    for _ in 0..edits {
+        sim::random_edit(&mut doc, &mut rng);
+    }
+    doc
+}
+
+/// The id of the `sync_message` document.
+pub const SYNC_DOC: DocumentId = DocumentId::from_bytes(*b"sheaf-fuzz-doc-1");
+
+/// Layout: `[flags]` then the payload. Flags: bit 0 = `request` instead of `sync`; bit 1 =
+/// the payload is change bytes to wrap in a well-formed sync message carrying our heads
+/// (else the payload is the whole `data` field); bits 2-3 = local edits before it arrives;
+/// bit 4 = a second message follows (`[len: 2][bytes]` first, then the rest).
+pub fn sync_message(data: &[u8]) {
+    let mut u = Unstructured::new(data);
+    let flags = byte(&mut u);
+    let edits = (flags >> 2) & 3;
+    let mut payloads = Vec::new();
+    if flags & 16 != 0 {
+        payloads.push(chunk(&mut u).to_vec());
+    }
+    payloads.push(u.take_rest().to_vec());
+
+    let mut h = SyncHarness::new(edits);
+    for p in payloads {
+        let data = if flags & 2 != 0 {
+            let heads = h.engine.document(&SYNC_DOC).map(|d| d.lock().get_heads());
+            SyncMessage {
+                heads: heads.unwrap_or_default(),
+                need: Vec::new(),
+                have: Vec::new(),
+                changes: ChunkList::from(p),
+                flags: None,
+                version: MessageVersion::V1,
+            }
+            .encode()
+        } else {
+            p
+        };
+        let msg = if flags & 1 != 0 {
+            Message::Request {
+                sender_id: h.remote.clone(),
+                target_id: h.local.clone(),
+                document_id: SYNC_DOC,
+                data,
+            }
+        } else {
+            Message::Sync {
+                sender_id: h.remote.clone(),
+                target_id: h.local.clone(),
+                document_id: SYNC_DOC,
+                data,
+            }
+        };
+        h.run(vec![Input::Received { conn: h.conn, msg }]);
+    }
+    h.check();
+}
+
+/// An engine holding [`SYNC_DOC`] with one ready incoming connection; every `Persist` is
+/// written to an in-memory disk and acknowledged.
+struct SyncHarness {
+    engine: Engine,
+    conn: ConnId,
+    local: PeerId,
+    remote: PeerId,
+    disk: Vec<Vec<u8>>,
+    errors: Vec<ConnId>,
+    closed: Vec<ConnId>,
+    now: Millis,
+}
+
+impl SyncHarness {
+    fn new(edits: u8) -> Self {
+        let local = PeerId::new("fuzz-local");
+        let remote = PeerId::new("fuzz-remote");
+        let engine = Engine::new(EngineConfig::peer(
+            local.clone(),
+            Some(StorageId::new("fuzz-local-storage")),
+        ));
+        let mut h = Self {
+            engine,
+            conn: ConnId(1),
+            local,
+            remote,
+            disk: Vec::new(),
+            errors: Vec::new(),
+            closed: Vec::new(),
+            now: Millis(0),
+        };
+        h.run(vec![
+            Input::Create {
+                doc: SYNC_DOC,
+                automerge: sync_base_document(edits),
+            },
+            Input::ConnOpened {
+                conn: h.conn,
+                direction: Direction::Incoming,
+            },
+            Input::Received {
+                conn: h.conn,
+                msg: Message::Join {
+                    sender_id: h.remote.clone(),
+                    peer_metadata: PeerMetadata {
+                        storage_id: Some(StorageId::new("fuzz-remote-storage")),
+                        is_ephemeral: false,
+                    },
+                    supported_protocol_versions: vec![PROTOCOL_VERSION.to_string()],
+                },
+            },
+        ]);
+        assert!(
+            h.errors.is_empty() && h.closed.is_empty(),
+            "handshake failed"
+        );
+        h
+    }
+
+    /// Handle `inputs`, then answer effects until the engine is quiet.
+    fn run(&mut self, mut inputs: Vec<Input>) {
+        for _ in 0..1_000 {
+            if inputs.is_empty() {
+                return;
+            }
+            self.now = self.now.plus(1);
+            let effects = self
+                .engine
+                .handle_batch(self.now, std::mem::take(&mut inputs));
+            for e in effects {
+                match e {
+                    Effect::Persist {
+                        doc, seq, chunk, ..
+                    } => {
+                        assert_eq!(doc, SYNC_DOC, "persisted a document nobody mentioned");
+                        self.disk.push(chunk);
+                        inputs.push(Input::Persisted { doc, seq, ok: true });
+                    }
+                    Effect::Close { conn, .. } => self.closed.push(conn),
+                    Effect::Event(Event::PeerError { conn, .. }) => self.errors.push(conn),
+                    Effect::Load { doc } => panic!("engine asked to load {doc}, which it holds"),
+                    Effect::Send { .. } | Effect::SaveSyncState { .. } | Effect::Event(_) => {}
+                }
+            }
+        }
+        panic!("engine did not go quiet within 1000 rounds");
+    }
+
+    fn check(&self) {
+        for c in &self.errors {
+            assert!(
+                self.closed.contains(c),
+                "a peer error on {c:?} without closing it"
+            );
+        }
+        let doc = self
+            .engine
+            .document(&SYNC_DOC)
+            .expect("the document stays ready");
+        let heads = doc.lock().get_heads();
+        let mut reloaded = Automerge::new();
+        for (i, c) in self.disk.iter().enumerate() {
+            crate::store::validate_chunk(c)
+                .unwrap_or_else(|e| panic!("persisted chunk {i} would be quarantined: {e}"));
+            reloaded
+                .load_incremental(c)
+                .unwrap_or_else(|e| panic!("persisted chunk {i} does not load: {e}"));
+        }
+        assert_eq!(
+            reloaded.get_heads(),
+            heads,
+            "the stored chunks do not reload to the engine's heads"
+        );
+        assert!(
+            reloaded.get_missing_deps(&[]).is_empty(),
+            "the stored chunks leave changes waiting for dependencies"
+        );
+    }
+}
+
+// ---- store_load ------------------------------------------------------------------------------
+
+/// Documents the `store_load` ops refer to (`doc byte % 3`).
+pub const STORE_DOCS: [DocumentId; 3] = [
+    DocumentId::from_bytes([1; 16]),
+    DocumentId::from_bytes([2; 16]),
+    DocumentId::from_bytes([3; 16]),
+];
+
+/// Store ops, for [`store_load`] seeds.
+#[derive(Debug, Clone)]
+pub enum StoreOp<'a> {
+    Append(u8, &'a [u8]),
+    Compact(u8, &'a [u8]),
+    SyncState(u8, &'a [u8]),
+    Delete(u8),
+    /// Raw insert into tree `0` data, `1` docs, `2` quarantine.
+    Raw(u8, &'a [u8], &'a [u8]),
+    /// A chunk with a well-formed key and a correct checksum over `payload`, put straight into
+    /// the data tree (kind byte: 0 snapshot, else incremental), listed in the docs index.
+    Sealed {
+        doc: u8,
+        kind: u8,
+        seq: u8,
+        payload: &'a [u8],
+    },
+    Load(u8),
+}
+
+impl StoreOp<'_> {
+    /// The bytes [`store_load`] reads this op from.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let put = |out: &mut Vec<u8>, b: &[u8]| {
+            let len = u16::try_from(b.len()).expect("seed chunks are < 64 KiB");
+            out.extend_from_slice(&len.to_be_bytes());
+            out.extend_from_slice(b);
+        };
+        match self {
+            StoreOp::Append(d, b) => {
+                out.extend([0, *d]);
+                put(out, b);
+            }
+            StoreOp::Compact(d, b) => {
+                out.extend([1, *d]);
+                put(out, b);
+            }
+            StoreOp::SyncState(d, b) => {
+                out.extend([2, *d]);
+                put(out, b);
+            }
+            StoreOp::Delete(d) => out.extend([3, *d]),
+            StoreOp::Raw(t, k, v) => {
+                out.extend([4, *t]);
+                put(out, k);
+                put(out, v);
+            }
+            StoreOp::Sealed {
+                doc,
+                kind,
+                seq,
+                payload,
+            } => {
+                out.extend([5, *doc, *kind, *seq]);
+                put(out, payload);
+            }
+            StoreOp::Load(d) => out.extend([6, *d]),
+        }
+    }
+}
+
+fn read_store_op<'a>(u: &mut Unstructured<'a>) -> StoreOp<'a> {
+    match byte(u) % 7 {
+        0 => StoreOp::Append(byte(u), chunk(u)),
+        1 => StoreOp::Compact(byte(u), chunk(u)),
+        2 => StoreOp::SyncState(byte(u), chunk(u)),
+        3 => StoreOp::Delete(byte(u)),
+        4 => {
+            let t = byte(u);
+            let k = chunk(u);
+            StoreOp::Raw(t, k, chunk(u))
+        }
+        5 => StoreOp::Sealed {
+            doc: byte(u),
+            kind: byte(u),
+            seq: byte(u),
+            payload: chunk(u),
+        },
+        _ => StoreOp::Load(byte(u)),
+    }
+}
+
+/// Layout: a sequence of [`StoreOp`]s (see [`StoreOp::encode`]).
+pub fn store_load(data: &[u8]) {
+    let store = Store::open_temporary().expect("a temporary store opens");
+    let mut u = Unstructured::new(data);
+    let doc = |d: u8| STORE_DOCS[usize::from(d % 3)];
+    let mut ops = 0;
+    while !u.is_empty() && ops < 64 {
+        ops += 1;
+        match read_store_op(&mut u) {
+            StoreOp::Append(d, b) => store.write(
+                vec![WriteOp::AppendChunk {
+                    doc: doc(d),
+                    bytes: b.to_vec(),
+                }],
+                |_| {},
+            ),
+            StoreOp::Compact(d, b) => store.write(
+                vec![WriteOp::Compact {
+                    doc: doc(d),
+                    snapshot: b.to_vec(),
+                }],
+                |_| {},
+            ),
+            StoreOp::SyncState(d, b) => store.write(
+                vec![WriteOp::PutSyncState {
+                    doc: doc(d),
+                    storage_id: StorageId::new(format!("s{}", d >> 2)),
+                    bytes: b.to_vec(),
+                }],
+                |_| {},
+            ),
+            StoreOp::Delete(d) => store.write(vec![WriteOp::DeleteDoc { doc: doc(d) }], |_| {}),
+            StoreOp::Raw(t, k, v) => {
+                let _ = store.flush_blocking();
+                let _ = store.raw_tree(t % 3).insert(k, v);
+            }
+            StoreOp::Sealed {
+                doc: d,
+                kind,
+                seq,
+                payload,
+            } => {
+                let _ = store.flush_blocking();
+                let kind = if kind == 0 {
+                    ChunkKind::Snapshot
+                } else {
+                    ChunkKind::Incremental
+                };
+                let key = crate::store::raw_chunk_key(&doc(d), kind, u64::from(seq));
+                let _ = store
+                    .raw_tree(0)
+                    .insert(key, crate::store::raw_seal(payload));
+                let _ = store.raw_tree(1).insert(doc(d).as_bytes(), &[]);
+            }
+            StoreOp::Load(d) => {
+                let _ = store.flush_blocking();
+                let _ = store.load(&doc(d));
+            }
+        }
+    }
+    let _ = store.flush_blocking();
+    let mut ids: Vec<DocumentId> = store.list_documents().unwrap_or_default();
+    ids.extend(STORE_DOCS);
+    for id in ids {
+        let Ok(Some(first)) = store.load(&id) else {
+            continue;
+        };
+        // Whatever was bad is in quarantine now: a second load is clean and the same.
+        let second = store
+            .load(&id)
+            .unwrap_or_else(|e| panic!("{id}: second load failed: {e}"));
+        let Some(second) = second else {
+            // Only a document that is not in the index and whose every chunk was corrupt
+            // (raw keys) may be gone once they are quarantined.
+            assert!(
+                first.chunks == 0 && !first.corrupt.is_empty(),
+                "{id}: vanished after the first load"
+            );
+            continue;
+        };
+        assert!(
+            second.corrupt.is_empty(),
+            "{id}: second load still finds corrupt chunks: {:?} (first: {:?})",
+            second.corrupt,
+            first.corrupt
+        );
+        assert_eq!(
+            second.doc.get_heads(),
+            first.doc.get_heads(),
+            "{id}: heads changed between loads"
+        );
+    }
+}
+
+/// Building seed corpora from real frames, chunks and editing traces.
+pub mod seeds {
+    use super::*;
+
+    /// `sync_message` input: flags then payload.
+    pub fn sync_message(flags: u8, payload: &[u8]) -> Vec<u8> {
+        let mut v = vec![flags & !16];
+        v.extend_from_slice(payload);
+        v
+    }
+
+    /// `store_load` input from ops.
+    pub fn store_load(ops: &[StoreOp<'_>]) -> Vec<u8> {
+        let mut v = Vec::new();
+        for op in ops {
+            op.encode(&mut v);
+        }
+        v
+    }
+}
