@@ -284,11 +284,14 @@ impl DocEntry {
         }
         let mut all = Vec::new();
         let mut ranges: Vec<(ConnId, std::ops::Range<usize>)> = Vec::new();
+        // Messages whose changes we take out to apply them all at once.
+        let mut stripped: Vec<ConnId> = Vec::new();
         for (conn, msg) in decoded.iter_mut() {
             if msg.changes.is_empty() {
                 continue;
             }
             let changes = std::mem::replace(&mut msg.changes, ChunkList::empty());
+            stripped.push(*conn);
             if self.peers.get(conn).is_some_and(|p| p.sync.read_only) {
                 continue;
             }
@@ -324,7 +327,17 @@ impl DocEntry {
             let Some(p) = self.peers.get_mut(&conn) else {
                 continue;
             };
-            if let Err(e) = doc.receive_sync_message(&mut p.sync, msg) {
+            // Its changes were applied above, so automerge sees "no changes, and their heads
+            // equal ours" and records those heads as sent: it would never answer, and the
+            // sender would wait for an acknowledgement that never comes. Had the changes come
+            // with the message, automerge would have left `last_sent_heads` alone; do the same.
+            let carried_changes = stripped.contains(&conn);
+            let last_sent = p.sync.last_sent_heads.clone();
+            let result = doc.receive_sync_message(&mut p.sync, msg);
+            if carried_changes {
+                p.sync.last_sent_heads = last_sent;
+            }
+            if let Err(e) = result {
                 let error = EngineError::BadSyncMessage {
                     doc: id,
                     reason: e.to_string(),
