@@ -204,6 +204,22 @@ async fn sheaf_syncs_with_the_js_reference_sync_server_both_ways() {
         .call(json!({"cmd": "create", "init": {"title": "made by js", "tags": ["a", "b"]}}))
         .await;
     let js_url = created["url"].as_str().unwrap().to_string();
+    // The JS server answers `doc-unavailable` to a request for a note a client has not begun
+    // to upload (it asks nobody): hand the URL over once the server has the note.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let r = server
+            .try_call(&mut json!({"cmd": "find", "url": js_url, "timeoutMs": 500}))
+            .await;
+        if r["ok"] == true && r["doc"] == created["doc"] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the JS server never got the JS note: {r}"
+        );
+        sleep(Duration::from_millis(100)).await;
+    }
     let id: sheafdb::AutomergeUrl = js_url.parse().unwrap();
     let h2 = timeout(WAIT, sheaf.find(id))
         .await
