@@ -389,6 +389,7 @@ impl Engine {
                 peer: peer.clone(),
                 meta: meta.clone(),
             };
+            c.peer_id = Some(peer.clone());
         }
         self.effects.push(Effect::Event(Event::PeerConnected {
             conn,
