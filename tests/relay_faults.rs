@@ -483,3 +483,39 @@ async fn bad_input_closes_only_the_offender_and_damages_nothing() {
     }
     relay.terminate().await;
 }
+
+// ---------------------------------------------------------------------------------------
+// sync status follows the relay
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_status_shows_the_relay_leaving_and_coming_back() {
+    let data = tempfile::tempdir().unwrap();
+    let relay = RelayProc::start(data.path(), 0, &[]).await;
+    let port = relay.addr.port();
+    let a = peer_repo();
+    let b = peer_repo();
+    a.connect(&relay.url()).unwrap();
+    b.connect(&relay.url()).unwrap();
+    let ha = a.create().await.unwrap();
+    append(&ha, "hello");
+    acknowledged(&ha).await;
+    // A handle found after the sync round finished still shows it (no further edit needed).
+    let hb = timeout(WAIT, b.find(ha.id())).await.unwrap().unwrap();
+    wait_json(&hb, &ha.to_json()).await;
+    acknowledged(&hb).await;
+
+    // The relay dies: the peer leaves the status map (no stale "Synced").
+    relay.kill9().await;
+    let mut st = ha.sync_status();
+    timeout(WAIT, st.wait_for(|m| m.is_empty()))
+        .await
+        .expect("status map empties when the relay goes away")
+        .unwrap();
+
+    // It comes back: Synced again, with edits made meanwhile.
+    append(&ha, " again");
+    let relay = RelayProc::start(data.path(), port, &[]).await;
+    acknowledged(&ha).await;
+    wait_json(&hb, &ha.to_json()).await;
+    relay.terminate().await;
+}
