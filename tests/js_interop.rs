@@ -98,7 +98,7 @@ async fn js_and_sheaf_edit_one_note_through_sheaf_relay_online_and_offline() {
     let port = relay.addr.port();
 
     let sheaf = peer_repo();
-    sheaf.connect(&url).unwrap();
+    let conn = sheaf.connection(&url).unwrap();
     let mut js = JsProc::spawn("client.mjs", &[&url, "js-editor", "90000"]).await;
     js.expect(WAIT, |v| v["event"] == "ready").await;
 
@@ -160,6 +160,22 @@ async fn js_and_sheaf_edit_one_note_through_sheaf_relay_online_and_offline() {
     assert_eq!(doc["js_offline"], true);
     assert_eq!(doc["n"], 1);
     assert_eq!(text_len(&h, "text"), 31);
+
+    // Offline on the sheaf side only: its connection goes away while the relay stays up.
+    conn.disconnect().await;
+    timeout(WAIT, peers.wait_for(|p| p.is_empty()))
+        .await
+        .unwrap()
+        .unwrap();
+    splice(&h, "text", 31, " (s2)");
+    js.call(json!({"cmd": "splice", "url": doc_url, "key": "text", "index": 0, "text": "(j2) "}))
+        .await;
+    js.call(json!({"cmd": "put", "url": doc_url, "key": "n", "value": 2}))
+        .await;
+    let _conn = sheaf.connection(&relay.url()).unwrap();
+    let doc = converge(&mut js, &doc_url, &h).await;
+    assert_eq!(doc["text"], "(j2) [S] hello from sheaf and js [J] (s2)");
+    assert_eq!(doc["n"], 2);
 
     // The relay kept the JS note through the restart: a fresh sheaf peer finds it there.
     let fresh = peer_repo();
