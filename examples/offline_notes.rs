@@ -65,7 +65,7 @@ impl Relay {
         let _ = self.stop.send(());
         self.task.await?;
         let repo = self.repo;
-        tokio::task::spawn_blocking(move || repo.shutdown()).await??;
+        tokio::task::spawn_blocking(move || repo.shutdown().map_err(anyhow::Error::from)).await??;
         println!("relay: stopped");
         Ok(())
     }

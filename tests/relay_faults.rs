@@ -254,7 +254,7 @@ async fn raw(url: &str) -> Ws {
 }
 
 async fn send(ws: &mut Ws, msg: &Message) {
-    ws.send(WsMessage::Binary(protocol::encode(msg).into()))
+    ws.send(WsMessage::Binary(protocol::encode(msg)))
         .await
         .unwrap();
 }
@@ -368,7 +368,7 @@ async fn bad_input_closes_only_the_offender_and_damages_nothing() {
 
     // 1. malformed CBOR
     let mut ws = join(&url, "bad-cbor").await;
-    ws.send(WsMessage::Binary(vec![0xff, 0x00, 0x13, 0x37].into()))
+    ws.send(WsMessage::Binary(vec![0xff, 0x00, 0x13, 0x37]))
         .await
         .unwrap();
     let (code, reason, errors) = closed_with(&mut ws).await;
@@ -386,7 +386,7 @@ async fn bad_input_closes_only_the_offender_and_damages_nothing() {
         .unwrap()
         .u8(1)
         .unwrap();
-    ws.send(WsMessage::Binary(buf.into())).await.unwrap();
+    ws.send(WsMessage::Binary(buf)).await.unwrap();
     let (code, reason, _) = closed_with(&mut ws).await;
     assert_eq!(code, Some(CloseCode::Invalid), "{reason}");
 
@@ -423,7 +423,7 @@ async fn bad_input_closes_only_the_offender_and_damages_nothing() {
 
     // 5. a frame over --max-frame-bytes
     let mut ws = join(&url, "big").await;
-    let _ = ws.send(WsMessage::Binary(vec![0u8; 200_000].into())).await;
+    let _ = ws.send(WsMessage::Binary(vec![0u8; 200_000])).await;
     let (code, reason, _) = closed_with(&mut ws).await;
     assert_eq!(code, Some(CloseCode::Size), "{reason}");
 
