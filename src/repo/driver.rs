@@ -64,7 +64,7 @@ pub(super) fn spawn(
         let i = inner.upgrade().expect("spawned from a live repo");
         (i.store.clone(), i.tx.clone())
     };
-    let loader = spawn_loader(store.clone(), tx.clone());
+    let (loader, loader_thread) = spawn_loader(store.clone(), tx.clone());
     std::thread::Builder::new()
         .name("sheaf-driver".into())
         .spawn(move || {
@@ -84,14 +84,22 @@ pub(super) fn spawn(
                 carry: Vec::new(),
             };
             d.run(rx);
+            // The loader holds a clone of the store: wait for it to let go, so that the
+            // database is closed (and its lock released) when the repo is gone and the
+            // directory can be opened again at once.
+            drop(d);
+            let _ = loader_thread.join();
         })
         .expect("spawn the driver thread")
 }
 
 /// Loads run off the driver thread: a big document takes a while to load.
-fn spawn_loader(store: Store, tx: Sender<Cmd>) -> Sender<DocumentId> {
+fn spawn_loader(
+    store: Store,
+    tx: Sender<Cmd>,
+) -> (Sender<DocumentId>, std::thread::JoinHandle<()>) {
     let (ltx, lrx) = std::sync::mpsc::channel::<DocumentId>();
-    std::thread::Builder::new()
+    let handle = std::thread::Builder::new()
         .name("sheaf-loader".into())
         .spawn(move || {
             while let Ok(doc) = lrx.recv() {
@@ -114,7 +122,7 @@ fn spawn_loader(store: Store, tx: Sender<Cmd>) -> Sender<DocumentId> {
             }
         })
         .expect("spawn the loader thread");
-    ltx
+    (ltx, handle)
 }
 
 struct Driver {
