@@ -91,6 +91,7 @@ fn text_len(h: &DocHandle, key: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn js_and_sheaf_edit_one_note_through_sheaf_relay_online_and_offline() {
+    common::js_dir(); // fails first, with what to run, if node or node_modules is missing
     let t0 = std::time::Instant::now();
     let data = tempfile::tempdir().unwrap();
     let relay = RelayProc::start(data.path(), 0, &[]).await;
@@ -190,6 +191,7 @@ async fn js_and_sheaf_edit_one_note_through_sheaf_relay_online_and_offline() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sheaf_syncs_with_the_js_reference_sync_server_both_ways() {
+    common::js_dir(); // fails first, with what to run, if node or node_modules is missing
     let mut server = JsProc::spawn("sync-server.mjs", &["60000"]).await;
     let listening = server.expect(WAIT, |v| v["event"] == "listening").await;
     let url = listening["url"].as_str().unwrap().to_string();
@@ -277,6 +279,7 @@ fn decode_flat_map(bytes: &[u8]) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ephemeral_messages_cross_between_js_and_sheaf_both_ways() {
+    common::js_dir(); // fails first, with what to run, if node or node_modules is missing
     let data = tempfile::tempdir().unwrap();
     let relay = RelayProc::start(data.path(), 0, &[]).await;
     let url = relay.url();
@@ -335,6 +338,7 @@ async fn take_ephemeral(js: &mut JsProc) -> Option<Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_js_note_handed_to_a_second_js_client_at_once_is_found_through_sheaf_relay() {
+    common::js_dir(); // fails first, with what to run, if node or node_modules is missing
     let data = tempfile::tempdir().unwrap();
     let relay = RelayProc::start(data.path(), 0, &[]).await;
     let race = JsProc::spawn("upload-race.mjs", &[&relay.url(), "6", "60000"]).await;
