@@ -401,15 +401,15 @@ impl Driver {
                 }
             }
             Event::SyncStatus { doc, peer, status } => {
-                if let Some(ch) = inner.channels.lock().get(&doc) {
-                    ch.sync.send_modify(|m| {
-                        if status == crate::engine::PeerSyncStatus::Offline {
-                            m.remove(&peer);
-                        } else {
-                            m.insert(peer, status);
-                        }
-                    });
-                }
+                // Kept even before a handle exists: a `find` that resolves after the first
+                // sync round must still see that it is synced (eviction drops the entry).
+                inner.channels(&doc).sync.send_modify(|m| {
+                    if status == crate::engine::PeerSyncStatus::Offline {
+                        m.remove(&peer);
+                    } else {
+                        m.insert(peer, status);
+                    }
+                });
             }
             Event::Ephemeral { doc, sender, data } => {
                 if let Some(ch) = inner.channels.lock().get(&doc) {

@@ -82,6 +82,18 @@ impl DocHandle {
         };
         if changed {
             self.channels.save.send_replace(SaveState::Unsaved);
+            // No peer has this change yet: until the engine reports again, "Synced" would
+            // be stale (an app would show a checkmark for an edit that only exists here).
+            self.channels.sync.send_if_modified(|m| {
+                let mut any = false;
+                for s in m.values_mut() {
+                    if *s == PeerSyncStatus::Synced {
+                        *s = PeerSyncStatus::Syncing;
+                        any = true;
+                    }
+                }
+                any
+            });
             self.channels.heads.send_replace(heads);
             self.repo
                 .inner

@@ -306,6 +306,39 @@ impl Repo {
         Ok(state_rx)
     }
 
+    /// Like [`Repo::connect`], but the connection can be ended on its own: the returned
+    /// [`Connection`] closes the socket (1001) and stops reconnecting when
+    /// [`Connection::disconnect`] is called or when it is dropped. Edits made meanwhile stay
+    /// local until the next `connect`.
+    pub fn connection(&self, url: &str) -> Result<Connection, RepoError> {
+        tokio::runtime::Handle::try_current().map_err(|_| RepoError::NoRuntime)?;
+        let (state_tx, state_rx) = watch::channel(ConnectionState::Connecting);
+        // This connection's own signal fires on disconnect/drop or when the repo shuts down.
+        let (trigger, conn_shutdown) = shutdown_channel();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let mut repo_shutdown = self.inner.shutdown_rx.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = repo_shutdown.recv() => {}
+                _ = stopped => {}
+            }
+            trigger.trigger();
+        });
+        let task = spawn_reconnecting(
+            url.to_string(),
+            self.hub(),
+            ClientConfig::default(),
+            Backoff::default(),
+            state_tx,
+            conn_shutdown,
+        );
+        Ok(Connection {
+            state: state_rx,
+            stop: Some(stop),
+            task: Some(task),
+        })
+    }
+
     /// The repo as the socket layer sees it (to serve connections with [`crate::relay::run`]).
     pub fn hub(&self) -> Arc<dyn Hub> {
         Arc::new(RepoHub {
@@ -337,6 +370,36 @@ impl Repo {
             return 0;
         }
         rx.await.unwrap_or(0)
+    }
+}
+
+/// One connection opened with [`Repo::connection`]; ends it when dropped.
+#[derive(Debug)]
+pub struct Connection {
+    state: watch::Receiver<ConnectionState>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Connection {
+    /// The connection's state as it changes.
+    pub fn state(&self) -> watch::Receiver<ConnectionState> {
+        self.state.clone()
+    }
+
+    /// Close the socket and stop reconnecting; resolves once the connection task ended
+    /// (the socket's close handshake is bounded by its close timeout).
+    pub async fn disconnect(mut self) {
+        drop(self.stop.take());
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        drop(self.stop.take());
     }
 }
 

@@ -1,0 +1,137 @@
+// A JS automerge-repo 2.x client driven over stdin, for sheaf's interop tests
+// (tests/js_interop.rs).
+//
+// Usage: node client.mjs <ws-url> [peerId] [timeoutMs]
+//
+// Reads one JSON command per line on stdin and answers with one JSON line on stdout per
+// command ({"ok":true,"id":N,...} or {"ok":false,"id":N,"error":...}); events arrive as
+// {"event":...} lines at any time. Exits by itself after timeoutMs (default 60 s) with
+// code 2, and on `quit` or when stdin closes.
+//
+// Commands (each may carry "id", echoed back):
+//   {"cmd":"create","init":{...}}            -> {"url"}
+//   {"cmd":"find","url":U,"timeoutMs":N}     -> {"url","doc"}   (rejects if unavailable)
+//   {"cmd":"put","url":U,"key":K,"value":V}  -> {"doc"}         (JSON value at the root)
+//   {"cmd":"splice","url":U,"key":K,"index":I,"del":D,"text":T} -> {"doc"}  (text at root.K)
+//   {"cmd":"doc","url":U}                    -> {"doc","heads"}
+//   {"cmd":"waitDoc","url":U,"doc":D,"timeoutMs":N} -> {"doc"} once the doc's JSON equals D
+//   {"cmd":"broadcast","url":U,"message":M}  -> {}   (ephemeral; cbor-x encodes M)
+//   {"cmd":"quit"}
+// Events: {"event":"ephemeral","url","senderId","message"} for every handle we hold;
+//         {"event":"peer","state":"connected"|"disconnected","peerId"}.
+
+import { createInterface } from "node:readline"
+import { Repo } from "@automerge/automerge-repo"
+import { WebSocketClientAdapter } from "@automerge/automerge-repo-network-websocket"
+import * as A from "@automerge/automerge"
+
+const [url, peerId = `js-${process.pid}`, timeoutArg = "60000"] = process.argv.slice(2)
+if (!url) {
+  console.error("usage: node client.mjs <ws-url> [peerId] [timeoutMs]")
+  process.exit(64)
+}
+setTimeout(() => {
+  console.error("client.mjs: overall timeout")
+  process.exit(2)
+}, Number(timeoutArg)).unref()
+
+const out = obj => process.stdout.write(JSON.stringify(obj) + "\n")
+const json = doc => JSON.parse(JSON.stringify(doc))
+const sleep = ms => new Promise(r => setTimeout(r, ms))
+
+const adapter = new WebSocketClientAdapter(url, 200)
+const repo = new Repo({ network: [adapter], peerId })
+repo.networkSubsystem.on("peer", ({ peerId }) => out({ event: "peer", state: "connected", peerId }))
+repo.networkSubsystem.on("peer-disconnected", ({ peerId }) =>
+  out({ event: "peer", state: "disconnected", peerId })
+)
+
+const handles = new Map()
+function track(handle) {
+  if (handles.has(handle.url)) return handle
+  handles.set(handle.url, handle)
+  handle.on("ephemeral-message", ({ senderId, message }) =>
+    out({ event: "ephemeral", url: handle.url, senderId, message })
+  )
+  return handle
+}
+async function get(u) {
+  return handles.get(u) ?? track(await repo.find(u))
+}
+
+const commands = {
+  async create({ init }) {
+    const h = track(repo.create(init ?? {}))
+    return { url: h.url, doc: json(h.doc()) }
+  },
+  async find({ url: u, timeoutMs = 10000 }) {
+    const h = track(await repo.find(u, { signal: AbortSignal.timeout(timeoutMs) }))
+    return { url: h.url, doc: json(h.doc()) }
+  },
+  async put({ url: u, key, value }) {
+    const h = await get(u)
+    h.change(d => {
+      d[key] = value
+    })
+    return { doc: json(h.doc()) }
+  },
+  async splice({ url: u, key, index, del = 0, text = "" }) {
+    const h = await get(u)
+    h.change(d => {
+      A.splice(d, [key], index, del, text)
+    })
+    return { doc: json(h.doc()) }
+  },
+  async doc({ url: u }) {
+    const h = await get(u)
+    return { doc: json(h.doc()), heads: h.heads() }
+  },
+  async waitDoc({ url: u, doc: want, timeoutMs = 10000 }) {
+    const h = await get(u)
+    const wantS = JSON.stringify(sortKeys(want))
+    const deadline = Date.now() + timeoutMs
+    for (;;) {
+      const now = json(h.doc())
+      if (JSON.stringify(sortKeys(now)) === wantS) return { doc: now }
+      if (Date.now() > deadline) throw new Error(`timed out; doc is ${JSON.stringify(now)}`)
+      await sleep(20)
+    }
+  },
+  async broadcast({ url: u, message }) {
+    const h = await get(u)
+    h.broadcast(message)
+    return {}
+  },
+  async quit() {
+    // No repo.shutdown(): in 2.5.6 it can throw from a socket still connecting.
+    out({ ok: true, event: "bye" })
+    process.exit(0)
+  },
+}
+
+function sortKeys(v) {
+  if (Array.isArray(v)) return v.map(sortKeys)
+  if (v && typeof v === "object")
+    return Object.fromEntries(Object.keys(v).sort().map(k => [k, sortKeys(v[k])]))
+  return v
+}
+
+const rl = createInterface({ input: process.stdin })
+rl.on("line", async line => {
+  if (!line.trim()) return
+  let cmd
+  try {
+    cmd = JSON.parse(line)
+  } catch (e) {
+    return out({ ok: false, error: `bad json: ${e}` })
+  }
+  const f = commands[cmd.cmd]
+  if (!f) return out({ ok: false, id: cmd.id, error: `unknown command ${cmd.cmd}` })
+  try {
+    out({ ok: true, id: cmd.id, ...(await f(cmd)) })
+  } catch (e) {
+    out({ ok: false, id: cmd.id, error: String(e?.message ?? e) })
+  }
+})
+rl.on("close", () => process.exit(0))
+out({ event: "ready", peerId })

@@ -1,0 +1,81 @@
+// The JS reference sync server (automerge-repo 2.x Repo + NodeWSServerAdapter) for sheaf's
+// interop tests (tests/js_interop.rs): in-memory storage, announces nothing, like
+// automerge-repo-sync-server.
+//
+// Usage: node sync-server.mjs [timeoutMs]
+// Prints {"event":"listening","url":"ws://127.0.0.1:PORT"} once it accepts connections, then
+// answers JSON commands on stdin like client.mjs:
+//   {"cmd":"find","url":U,"timeoutMs":N} -> {"url","doc"}  (the server's own copy)
+//   {"cmd":"quit"}
+// Exits on `quit`, when stdin closes, or after timeoutMs (default 60 s, exit code 2).
+
+import { createInterface } from "node:readline"
+import { Repo } from "@automerge/automerge-repo"
+import { NodeWSServerAdapter } from "@automerge/automerge-repo-network-websocket"
+import { WebSocketServer } from "ws"
+
+const timeoutMs = Number(process.argv[2] ?? "60000")
+setTimeout(() => {
+  console.error("sync-server.mjs: overall timeout")
+  process.exit(2)
+}, timeoutMs).unref()
+
+const out = obj => process.stdout.write(JSON.stringify(obj) + "\n")
+const json = doc => JSON.parse(JSON.stringify(doc))
+
+/** Minimal in-memory StorageAdapterInterface, so the server has a storageId. */
+class MemoryStorage {
+  #m = new Map()
+  #k = key => key.join("\u0000")
+  async load(key) {
+    return this.#m.get(this.#k(key))?.data
+  }
+  async save(key, data) {
+    this.#m.set(this.#k(key), { key, data })
+  }
+  async remove(key) {
+    this.#m.delete(this.#k(key))
+  }
+  async loadRange(prefix) {
+    return [...this.#m.values()].filter(c => prefix.every((p, i) => c.key[i] === p))
+  }
+  async removeRange(prefix) {
+    for (const c of await this.loadRange(prefix)) this.#m.delete(this.#k(c.key))
+  }
+}
+
+const wss = new WebSocketServer({ host: "127.0.0.1", port: 0 })
+await new Promise(r => wss.on("listening", r))
+const repo = new Repo({
+  network: [new NodeWSServerAdapter(wss)],
+  storage: new MemoryStorage(),
+  peerId: "js-sync-server",
+  sharePolicy: async () => false,
+})
+
+const rl = createInterface({ input: process.stdin })
+rl.on("line", async line => {
+  if (!line.trim()) return
+  let cmd
+  try {
+    cmd = JSON.parse(line)
+  } catch (e) {
+    return out({ ok: false, error: `bad json: ${e}` })
+  }
+  try {
+    if (cmd.cmd === "find") {
+      const h = await repo.find(cmd.url, { signal: AbortSignal.timeout(cmd.timeoutMs ?? 10000) })
+      out({ ok: true, id: cmd.id, url: h.url, doc: json(h.doc()) })
+    } else if (cmd.cmd === "quit") {
+      await repo.shutdown().catch(() => {})
+      wss.close()
+      process.exit(0)
+    } else {
+      out({ ok: false, id: cmd.id, error: `unknown command ${cmd.cmd}` })
+    }
+  } catch (e) {
+    out({ ok: false, id: cmd.id, error: String(e?.message ?? e) })
+  }
+})
+rl.on("close", () => process.exit(0))
+out({ event: "listening", url: `ws://127.0.0.1:${wss.address().port}` })
