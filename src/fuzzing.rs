@@ -219,6 +219,7 @@ impl SyncHarness {
             Input::ConnOpened {
                 conn: h.conn,
                 direction: Direction::Incoming,
+                access: None,
             },
             Input::Received {
                 conn: h.conn,

@@ -6,6 +6,7 @@
 //!
 //! # Layout
 //!
+//! - [`auth`]: capability tokens (blake3-keyed MACs) and the per-connection [`auth::Access`].
 //! - [`id`]: document ids, `automerge:` URLs, peer and storage ids.
 //! - [`protocol`]: the wire messages and their CBOR codec (a total decoder).
 //! - [`store`]: persistence in sled: checksummed chunks, group commit, compaction.
@@ -22,6 +23,7 @@
 //! - `fuzzing` (hidden): bodies of the cargo-fuzz targets in `fuzz/`, shared with
 //!   `tests/fuzz_regressions.rs`.
 
+pub mod auth;
 pub mod engine;
 pub mod error;
 #[doc(hidden)]
@@ -38,4 +40,4 @@ pub mod traces;
 
 pub use error::Error;
 pub use id::{AutomergeUrl, DocumentId, PeerId, StorageId};
-pub use repo::{DocHandle, Repo, RepoConfig, RepoError};
+pub use repo::{ConnectOptions, DocHandle, Repo, RepoConfig, RepoError};

@@ -50,6 +50,7 @@ fn relay_with_conn() -> (Engine, ConnId) {
         Input::ConnOpened {
             conn: c,
             direction: Direction::Incoming,
+            access: None,
         },
     );
     (e, c)
@@ -156,6 +157,7 @@ fn second_join_with_same_peer_id_closes_the_old_connection() {
         Input::ConnOpened {
             conn: c2,
             direction: Direction::Incoming,
+            access: None,
         },
     );
     let fx = e.handle(

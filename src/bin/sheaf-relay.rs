@@ -8,17 +8,84 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
-use clap::Parser;
-use sheafdb::relay::{MetricType, Metrics, ServerConfig};
-use sheafdb::{Repo, RepoConfig};
+use anyhow::{bail, Context};
+use clap::{Args as ClapArgs, Parser, Subcommand};
+use sheafdb::auth::{Claims, DocScope, Key, Keyring, KEYS_ENV};
+use sheafdb::relay::{MetricType, Metrics, RateLimit, ServerConfig};
+use sheafdb::{AutomergeUrl, Repo, RepoConfig};
 
 #[derive(Parser, Debug)]
 #[command(
     name = "sheaf-relay",
     version,
-    about = "Relay for sheaf and automerge-repo peers"
+    about = "Relay for sheaf and automerge-repo peers",
+    args_conflicts_with_subcommands = true
 )]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// With no subcommand: serve.
+    #[command(flatten)]
+    serve: Args,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve (the default when no subcommand is given).
+    Serve(Args),
+    /// Mint a capability token with a key from the keys file or $SHEAF_RELAY_KEYS.
+    Token(TokenArgs),
+    /// Print a new random key as a `kid hexkey` line for a keys file.
+    Keygen {
+        /// The key id (defaults to one based on the current time).
+        #[arg(long)]
+        kid: Option<String>,
+    },
+}
+
+#[derive(ClapArgs, Debug, Clone)]
+struct KeyArgs {
+    /// File of `kid hexkey` lines (tokens may be signed by any of them; the last one mints).
+    /// Or set SHEAF_RELAY_KEYS to the same lines. Secrets never go in flags.
+    #[arg(long, env = "SHEAF_RELAY_KEYS_FILE")]
+    keys_file: Option<PathBuf>,
+}
+
+impl KeyArgs {
+    fn load(&self) -> anyhow::Result<Option<Keyring>> {
+        let ring = match &self.keys_file {
+            Some(path) => Some(Keyring::from_file(path)?),
+            None => Keyring::from_env().with_context(|| format!("parsing ${KEYS_ENV}"))?,
+        };
+        match ring {
+            Some(r) if r.is_empty() => bail!("no keys in the keys file or ${KEYS_ENV}"),
+            r => Ok(r),
+        }
+    }
+}
+
+#[derive(ClapArgs, Debug)]
+struct TokenArgs {
+    #[command(flatten)]
+    keys: KeyArgs,
+    /// A document it covers (`automerge:...` URL or bare id); repeat for several; `*` = all.
+    #[arg(long = "doc", required = true)]
+    docs: Vec<String>,
+    /// Allow writing (default: read-only).
+    #[arg(long)]
+    write: bool,
+    /// Lifetime: e.g. 90s, 15m, 1h, 7d.
+    #[arg(long, default_value = "1h", value_parser = sheafdb::auth::parse_ttl)]
+    ttl: u64,
+    /// Who the token is for (shown in relay logs).
+    #[arg(long, default_value = "")]
+    sub: String,
+    /// Key to sign with (default: the last one listed).
+    #[arg(long)]
+    kid: Option<String>,
+}
+
+#[derive(ClapArgs, Debug, Clone)]
 struct Args {
     /// Address to listen on (WebSocket, plus GET /health and /metrics).
     #[arg(long, env = "SHEAF_LISTEN", default_value = "127.0.0.1:3030")]
@@ -41,16 +108,92 @@ struct Args {
     /// Cache size for sled, in MiB.
     #[arg(long, env = "SHEAF_CACHE_MIB", default_value_t = 64)]
     cache_mib: u64,
+    #[command(flatten)]
+    keys: KeyArgs,
+    /// Serve a non-loopback address without tokens: anyone who knows a document id can
+    /// read and write it.
+    #[arg(long)]
+    insecure_no_auth: bool,
+    /// Maximum concurrent WebSocket connections per client IP address.
+    #[arg(long, env = "SHEAF_MAX_CONNECTIONS_PER_IP", default_value_t = 256)]
+    max_connections_per_ip: usize,
+    /// Maximum distinct documents synced over one connection (0 = unlimited).
+    #[arg(long, env = "SHEAF_MAX_DOCS_PER_CONNECTION", default_value_t = 10_000)]
+    max_docs_per_connection: usize,
+    /// Frames per second one connection may send (reads pause above it).
+    #[arg(long, env = "SHEAF_RATE_MESSAGES", default_value_t = 200.0)]
+    rate_messages_per_sec: f64,
+    /// Bytes per second one connection may send (reads pause above it).
+    #[arg(long, env = "SHEAF_RATE_BYTES", default_value_t = 8.0 * 1024.0 * 1024.0)]
+    rate_bytes_per_sec: f64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        None => serve(cli.serve),
+        Some(Command::Serve(args)) => serve(args),
+        Some(Command::Token(t)) => token(t),
+        Some(Command::Keygen { kid }) => {
+            let kid = kid.unwrap_or_else(|| format!("k{}", sheafdb::auth::unix_now()));
+            println!("{kid} {}", Key::generate().to_hex());
+            Ok(())
+        }
+    }
+}
+
+fn token(t: TokenArgs) -> anyhow::Result<()> {
+    let Some(ring) = t.keys.load()? else {
+        bail!("no keys: pass --keys-file or set ${KEYS_ENV}");
+    };
+    let kid = match t.kid {
+        Some(k) => k,
+        None => ring.newest_kid().unwrap_or_default().to_owned(),
+    };
+    let docs = if t.docs.iter().any(|d| d == "*") {
+        DocScope::All
+    } else {
+        let mut set = std::collections::BTreeSet::new();
+        for d in &t.docs {
+            let url: AutomergeUrl = d
+                .parse()
+                .or_else(|_| format!("automerge:{d}").parse())
+                .map_err(|e| anyhow::anyhow!("bad document {d:?}: {e}"))?;
+            set.insert(url.id);
+        }
+        DocScope::Docs(set)
+    };
+    let mut claims = Claims::new(kid, docs, t.write, t.ttl);
+    claims.sub = t.sub;
+    println!("{}", ring.mint(&claims)?);
+    Ok(())
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn serve(args: Args) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
-    let args = Args::parse();
+    let keys = args.keys.load()?;
+    if keys.is_none() && !args.listen.ip().is_loopback() {
+        if !args.insecure_no_auth {
+            bail!(
+                "refusing to serve {} without auth: configure keys (--keys-file or ${KEYS_ENV}; \
+                 make one with `sheaf-relay keygen`) or pass --insecure-no-auth",
+                args.listen
+            );
+        }
+        tracing::warn!(
+            listen = %args.listen,
+            "serving a non-loopback address WITHOUT AUTH (--insecure-no-auth): anyone who knows a document id can read and write it"
+        );
+    }
+    match &keys {
+        Some(k) => tracing::info!(keys = k.len(), "auth on: every connection needs a token"),
+        None => tracing::info!("auth off"),
+    }
 
     let mut config = RepoConfig::relay();
     config.store.cache_capacity_bytes = args.cache_mib * 1024 * 1024;
@@ -62,8 +205,17 @@ async fn main() -> anyhow::Result<()> {
     let mut server = ServerConfig {
         metrics,
         max_connections: args.max_connections,
+        auth: keys.map(Arc::new),
+        max_connections_per_ip: args.max_connections_per_ip.max(1),
+        max_docs_per_connection: (args.max_docs_per_connection > 0)
+            .then_some(args.max_docs_per_connection),
         ..ServerConfig::default()
     };
+    server.socket.rate_limit = Some(RateLimit {
+        messages_per_sec: args.rate_messages_per_sec,
+        bytes_per_sec: args.rate_bytes_per_sec,
+        ..RateLimit::default()
+    });
     server.socket.max_frame_bytes = args.max_frame_bytes;
     server.socket.ping_interval = Duration::from_secs(args.ping_interval_secs.max(1));
     server.socket.idle_timeout = Duration::from_secs(args.idle_timeout_secs.max(1));
@@ -129,6 +281,20 @@ fn register_metrics(m: &Metrics, repo: &Repo) {
         "Inputs handled by the engine",
         MetricType::Counter,
         move || s.inputs.load(Ordering::Relaxed) as f64,
+    );
+    let s = st.clone();
+    m.register(
+        "sheaf_docs_denied_total",
+        "Document requests refused because the peer's token does not cover them",
+        MetricType::Counter,
+        move || s.docs_denied.load(Ordering::Relaxed) as f64,
+    );
+    let s = st.clone();
+    m.register(
+        "sheaf_doc_limit_hits_total",
+        "Document requests refused because the connection is at its document limit",
+        MetricType::Counter,
+        move || s.doc_limit_hits.load(Ordering::Relaxed) as f64,
     );
     let s = st;
     m.register(

@@ -159,8 +159,10 @@ impl DocEntry {
         !self.doc.lock().get_heads().is_empty()
     }
 
-    pub fn add_peer(&mut self, conn: ConnId, storage: Option<&StorageId>) {
-        let sync = self.seed_state(storage);
+    /// Sync state for a new peer; a `read_only` peer's changes are never applied.
+    pub fn add_peer(&mut self, conn: ConnId, storage: Option<&StorageId>, read_only: bool) {
+        let mut sync = self.seed_state(storage);
+        sync.set_read_only(read_only);
         self.peers
             .insert(conn, PeerDoc::new(sync, storage.cloned()));
     }
@@ -170,8 +172,10 @@ impl DocEntry {
         let sync = self.seed_state(storage);
         if let Some(p) = self.peers.get_mut(&conn) {
             if p.sync.shared_heads.is_empty() && !sync.shared_heads.is_empty() {
+                let read_only = p.sync.read_only;
                 p.saved_shared_heads = sync.shared_heads.clone();
                 p.sync = sync;
+                p.sync.set_read_only(read_only);
             }
         }
     }

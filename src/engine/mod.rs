@@ -31,13 +31,16 @@ mod doc;
 mod types;
 
 pub use doc::{DocPhase, PeerSyncStatus};
-pub use types::{Effect, EngineConfig, EngineError, Event, Input, Loaded, Millis, SharedDoc};
+pub use types::{
+    Denied, Effect, EngineConfig, EngineError, Event, Input, Loaded, Millis, SharedDoc,
+};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use automerge::Automerge;
 
+use crate::auth::Access;
 use crate::id::{DocumentId, PeerId};
 use crate::net::{ConnId, Direction};
 use crate::protocol::{Message, PeerMetadata, PROTOCOL_VERSION};
@@ -153,7 +156,11 @@ impl Engine {
 
     fn route(&mut self, now: Millis, input: Input) {
         match input {
-            Input::ConnOpened { conn, direction } => self.conn_opened(conn, direction),
+            Input::ConnOpened {
+                conn,
+                direction,
+                access,
+            } => self.conn_opened(conn, direction, access),
             Input::ConnClosed { conn } => self.conn_closed(conn),
             Input::Received { conn, msg } => self.received(now, conn, msg),
             Input::LocalChange { doc } => {
@@ -195,7 +202,7 @@ impl Engine {
         }
     }
 
-    fn conn_opened(&mut self, conn: ConnId, direction: Direction) {
+    fn conn_opened(&mut self, conn: ConnId, direction: Direction, access: Option<Access>) {
         let phase = match direction {
             Direction::Incoming => ConnPhase::AwaitingJoin,
             Direction::Outgoing => {
@@ -210,7 +217,7 @@ impl Engine {
                 ConnPhase::AwaitingPeer
             }
         };
-        self.conns.insert(conn, Conn::new(phase));
+        self.conns.insert(conn, Conn::new(phase, access));
     }
 
     fn our_metadata(&self) -> PeerMetadata {
@@ -267,6 +274,28 @@ impl Engine {
         let Some(c) = self.conns.get(&conn) else {
             return;
         };
+        if let (ConnPhase::Ready { peer, .. }, Some(doc)) = (&c.phase, msg.document_id()) {
+            let gated = matches!(
+                msg,
+                Message::Sync { .. } | Message::Request { .. } | Message::Ephemeral { .. }
+            );
+            if let Some(reason) = c.denied(&doc).filter(|_| gated) {
+                // Answer as for a document nobody has: existence is not leaked, and
+                // nothing is loaded, applied or forwarded.
+                let target = peer.clone();
+                self.effects.push(Effect::Send {
+                    conn,
+                    msg: Message::DocUnavailable {
+                        sender_id: self.config.peer_id.clone(),
+                        target_id: target,
+                        document_id: doc,
+                    },
+                });
+                self.effects
+                    .push(Effect::Event(Event::AccessDenied { conn, doc, reason }));
+                return;
+            }
+        }
         match (&c.phase, msg) {
             (
                 ConnPhase::AwaitingJoin,
@@ -429,7 +458,11 @@ impl Engine {
             return false;
         };
         if !d.peers.contains_key(&conn) {
-            d.add_peer(conn, storage.as_ref());
+            // Nothing is announced or forwarded to a peer for a document it may not see.
+            if c.denied(&id).is_some() {
+                return false;
+            }
+            d.add_peer(conn, storage.as_ref(), c.read_only());
             c.docs.insert(id);
         }
         true
@@ -610,7 +643,11 @@ impl Engine {
                 }
             }
             None => {
-                let has_sync = d.inbox.iter().any(|m| !m.request);
+                // Only a peer that may write can bring a document into existence.
+                let has_sync = d
+                    .inbox
+                    .iter()
+                    .any(|m| !m.request && !d.peers.get(&m.conn).is_some_and(|p| p.sync.read_only));
                 if has_sync {
                     // A peer is offering a document we did not have: take it.
                     d.become_ready(Automerge::new(), Vec::new(), HashMap::new());

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use automerge::{Automerge, ChangeHash};
 
+use crate::auth::Access;
 use crate::id::{DocumentId, PeerId, StorageId};
 use crate::net::{ConnId, Direction};
 use crate::protocol::{Message, PeerMetadata};
@@ -97,6 +98,8 @@ pub enum Input {
     ConnOpened {
         conn: ConnId,
         direction: Direction,
+        /// What the peer may do; `None` = anything (see [`Access`]).
+        access: Option<Access>,
     },
     ConnClosed {
         conn: ConnId,
@@ -218,6 +221,22 @@ pub enum Event {
     Evicted {
         doc: DocumentId,
     },
+    /// A peer asked for, synced or sent an ephemeral message for a document it may not
+    /// touch; it was told `doc-unavailable` and nothing was applied or forwarded.
+    AccessDenied {
+        conn: ConnId,
+        doc: DocumentId,
+        reason: Denied,
+    },
+}
+
+/// Why a peer was refused a document.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denied {
+    /// Its token does not cover the document.
+    NotCovered,
+    /// It already syncs as many documents as the connection may.
+    DocLimit,
 }
 
 /// Problems the engine reports (never panics for them).

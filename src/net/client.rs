@@ -28,6 +28,36 @@ pub enum DialError {
     Timeout(Duration),
     #[error("cancelled")]
     Cancelled,
+    #[error("the token is not a valid header value")]
+    BadToken,
+}
+
+/// Where the dialer gets a capability token: called before each (re)connect, so it can
+/// hand out a fresh one as old ones expire. `None` = connect without one.
+#[derive(Clone)]
+pub struct TokenSource(Arc<dyn Fn() -> Option<String> + Send + Sync>);
+
+impl TokenSource {
+    /// The same token every time.
+    pub fn fixed(token: impl Into<String>) -> Self {
+        let token = token.into();
+        Self(Arc::new(move || Some(token.clone())))
+    }
+
+    /// A callback (e.g. one that asks the app backend for a new token when it nears expiry).
+    pub fn from_fn(f: impl Fn() -> Option<String> + Send + Sync + 'static) -> Self {
+        Self(Arc::new(f))
+    }
+
+    pub fn get(&self) -> Option<String> {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for TokenSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenSource(..)")
+    }
 }
 
 /// Settings for the dialer.
@@ -37,6 +67,9 @@ pub struct ClientConfig {
     /// Time allowed for TCP connect plus the WebSocket handshake.
     pub connect_timeout: Duration,
     pub metrics: Arc<Metrics>,
+    /// Sent as `Authorization: Bearer <token>` (kept out of URLs and their logs); the relay
+    /// also accepts `?token=` for browsers.
+    pub token: Option<TokenSource>,
 }
 
 impl Default for ClientConfig {
@@ -45,6 +78,7 @@ impl Default for ClientConfig {
             socket: SocketConfig::default(),
             connect_timeout: Duration::from_secs(10),
             metrics: Arc::new(Metrics::new()),
+            token: None,
         }
     }
 }
@@ -66,9 +100,18 @@ pub async fn dial(
     config: &ClientConfig,
     shutdown: Shutdown,
 ) -> Result<Dialed, DialError> {
+    use tungstenite::client::IntoClientRequest;
     let mut cancel = shutdown.clone();
+    let mut request = url.into_client_request()?;
+    if let Some(token) = config.token.as_ref().and_then(TokenSource::get) {
+        let value = tungstenite::http::HeaderValue::from_str(&format!("Bearer {token}"))
+            .map_err(|_| DialError::BadToken)?;
+        request
+            .headers_mut()
+            .insert(tungstenite::http::header::AUTHORIZATION, value);
+    }
     let connect = tokio_tungstenite::connect_async_with_config(
-        url,
+        request,
         Some(config.socket.websocket_config()),
         true, // TCP_NODELAY: frames are small and latency matters
     );
@@ -86,6 +129,7 @@ pub async fn dial(
     let (conn, outgoing) = hub.connect(ConnInfo {
         direction: Direction::Outgoing,
         remote_addr,
+        access: None,
     });
     info!(url, conn = conn.0, "connected");
     let socket = config.socket.clone();

@@ -17,6 +17,7 @@ use std::net::SocketAddr;
 
 use tokio::sync::mpsc;
 
+use crate::auth::Access;
 use crate::protocol::Message;
 
 /// A connection's id, unique within one process.
@@ -37,6 +38,8 @@ pub enum Direction {
 pub struct ConnInfo {
     pub direction: Direction,
     pub remote_addr: Option<SocketAddr>,
+    /// What the peer may do (from its token and the server's limits); `None` = anything.
+    pub access: Option<Access>,
 }
 
 /// What the engine asks a socket task to do.

@@ -11,8 +11,10 @@ use std::sync::Arc;
 
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::{mpsc, watch};
+
 use tokio::time::{sleep_until, timeout, Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -21,7 +23,7 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::WebSocketStream;
 use tracing::{debug, info, warn};
 
-use super::config::SocketConfig;
+use super::config::{RateLimit, SocketConfig};
 use super::metrics::Metrics;
 use crate::net::shutdown::Shutdown;
 use crate::net::{ConnId, Direction, Hub, Outgoing};
@@ -222,6 +224,9 @@ where
     let mut deadline = Instant::now() + config.idle_timeout;
     // Set once either side decided to close; then we only wait for the stream to end.
     let mut closing: Option<CloseKind> = None;
+    let mut limiter = config.rate_limit.map(Limiter::new);
+    // Over the rate limit: don't read until then (TCP backpressure slows the peer).
+    let mut throttled: Option<Instant> = None;
 
     // Ask the writer to close; never blocks (the channel holds every request we make).
     let request_close =
@@ -235,7 +240,7 @@ where
 
     loop {
         tokio::select! {
-            item = stream.next() => {
+            item = stream.next(), if throttled.is_none() || closing.is_some() => {
                 let msg = match item {
                     None => return (closing.unwrap_or(CloseKind::PeerClosed), false),
                     Some(Ok(msg)) => msg,
@@ -284,8 +289,20 @@ where
                     }
                 };
                 metrics.frame_in(msg.len());
+                if let (Some(l), None) = (limiter.as_mut(), closing) {
+                    let now = Instant::now();
+                    if let Some((wait, kind)) = l.charge(now, msg.len()) {
+                        metrics.rate_limited.inc(kind);
+                        debug!(conn = conn.0, ?wait, kind, "over rate limit; pausing reads");
+                        throttled = Some(now + wait);
+                    }
+                }
                 if closing.is_none() {
                     deadline = Instant::now() + config.idle_timeout;
+                    if let Some(until) = throttled {
+                        // Time we spend not reading is not the peer's silence.
+                        deadline = deadline.max(until + config.idle_timeout);
+                    }
                 } else if !matches!(msg, WsMessage::Close(_)) {
                     // Closing: ignore data until the peer's Close arrives or we time out.
                     continue;
@@ -331,6 +348,9 @@ where
                     WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_) => {}
                 }
             }
+            _ = sleep_until(throttled.unwrap_or(deadline)), if throttled.is_some() => {
+                throttled = None;
+            }
             _ = sleep_until(deadline) => {
                 if let Some(kind) = closing {
                     debug!(conn = conn.0, "no Close reply in time");
@@ -357,6 +377,93 @@ where
                 deadline = Instant::now() + config.close_timeout;
             }
         }
+    }
+}
+
+/// Token buckets for one connection (see [`RateLimit`]).
+struct Limiter {
+    messages: Bucket,
+    bytes: Bucket,
+    last: Instant,
+}
+
+struct Bucket {
+    rate: f64,
+    burst: f64,
+    level: f64,
+}
+
+impl Bucket {
+    fn new(rate: f64, burst: f64) -> Self {
+        let burst = burst.max(1.0);
+        Self {
+            rate: rate.max(f64::MIN_POSITIVE),
+            burst,
+            level: burst,
+        }
+    }
+
+    /// Refill for `elapsed` seconds, take `cost`; how long until the level is back at 0.
+    fn charge(&mut self, elapsed: f64, cost: f64) -> Option<Duration> {
+        self.level = (self.level + elapsed * self.rate).min(self.burst) - cost;
+        (self.level < 0.0).then(|| Duration::from_secs_f64((-self.level / self.rate).min(3600.0)))
+    }
+}
+
+impl Limiter {
+    fn new(r: RateLimit) -> Self {
+        Self {
+            messages: Bucket::new(r.messages_per_sec, r.message_burst),
+            bytes: Bucket::new(r.bytes_per_sec, r.byte_burst),
+            last: Instant::now(),
+        }
+    }
+
+    /// Charge one frame of `len` bytes at `now`; if a bucket is overdrawn, how long to
+    /// pause and which bucket.
+    fn charge(&mut self, now: Instant, len: usize) -> Option<(Duration, &'static str)> {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        let m = self.messages.charge(elapsed, 1.0);
+        let b = self.bytes.charge(elapsed, len as f64);
+        match (m, b) {
+            (Some(m), Some(b)) if b > m => Some((b, "bytes")),
+            (Some(m), _) => Some((m, "messages")),
+            (None, Some(b)) => Some((b, "bytes")),
+            (None, None) => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod limiter_tests {
+    use super::*;
+
+    #[test]
+    fn buckets_allow_a_burst_then_pace() {
+        let mut l = Limiter::new(RateLimit {
+            messages_per_sec: 10.0,
+            message_burst: 3.0,
+            bytes_per_sec: 1000.0,
+            byte_burst: 1000.0,
+        });
+        let t0 = l.last;
+        for _ in 0..3 {
+            assert_eq!(l.charge(t0, 1), None);
+        }
+        let (wait, kind) = l.charge(t0, 1).unwrap();
+        assert_eq!(kind, "messages");
+        assert!((wait.as_secs_f64() - 0.1).abs() < 1e-6, "{wait:?}");
+        // After a second the bucket is full again (capped at the burst).
+        let t1 = t0 + Duration::from_secs(1);
+        for _ in 0..3 {
+            assert_eq!(l.charge(t1, 1), None);
+        }
+        // A frame bigger than the byte burst is charged in full: a long pause.
+        let t2 = t1 + Duration::from_secs(10);
+        let (wait, kind) = l.charge(t2, 3000).unwrap();
+        assert_eq!(kind, "bytes");
+        assert!((wait.as_secs_f64() - 2.0).abs() < 1e-3, "{wait:?}");
     }
 }
 

@@ -28,6 +28,8 @@ pub struct RequestHead {
     pub path: String,
     /// `Upgrade: websocket` was present.
     pub is_websocket: bool,
+    /// A capability token: the `token` query parameter, else `Authorization: Bearer`.
+    pub token: Option<String>,
 }
 
 /// Read until the end of the request head (`\r\n\r\n`), at most `max` bytes. Returns every
@@ -77,10 +79,33 @@ pub fn parse_head(bytes: &[u8]) -> Result<RequestHead, HeadError> {
                 })
                 .unwrap_or(false)
     });
+    let query_token = target
+        .split('#')
+        .next()
+        .and_then(|t| t.split_once('?'))
+        .and_then(|(_, q)| {
+            q.split('&')
+                .find_map(|kv| kv.strip_prefix("token="))
+                .map(str::to_owned)
+        });
+    let bearer = || {
+        req.headers.iter().find_map(|h| {
+            if !h.name.eq_ignore_ascii_case("authorization") {
+                return None;
+            }
+            let v = std::str::from_utf8(h.value).ok()?.trim();
+            let (scheme, rest) = v.split_once(' ')?;
+            scheme
+                .eq_ignore_ascii_case("bearer")
+                .then(|| rest.trim().to_owned())
+        })
+    };
+    let token = query_token.or_else(bearer).filter(|t| !t.is_empty());
     Ok(RequestHead {
         method,
         path,
         is_websocket,
+        token,
     })
 }
 
@@ -191,6 +216,18 @@ mod tests {
         assert_eq!(head.method, "GET");
         assert_eq!(head.path, "/health");
         assert!(head.is_websocket);
+        assert_eq!(head.token, None);
+    }
+
+    #[test]
+    fn finds_tokens_in_query_or_header() {
+        let h = parse_head(b"GET /?a=1&token=abc.def HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+        assert_eq!(h.path, "/");
+        assert_eq!(h.token.as_deref(), Some("abc.def"));
+        let h = parse_head(b"GET / HTTP/1.1\r\nAuthorization: Bearer  x.y \r\n\r\n").unwrap();
+        assert_eq!(h.token.as_deref(), Some("x.y"));
+        let h = parse_head(b"GET / HTTP/1.1\r\nAuthorization: Basic x\r\n\r\n").unwrap();
+        assert_eq!(h.token, None);
     }
 
     #[tokio::test]

@@ -93,6 +93,9 @@ pub struct Metrics {
     pub decode_errors: LabeledCounter,
     /// Closed connections, by reason (see `CloseKind::label`).
     pub closes: LabeledCounter,
+    /// Times a connection's reader paused because it went over its rate limit, by bucket
+    /// (`messages`, `bytes`).
+    pub rate_limited: LabeledCounter,
     extra: RwLock<Vec<Extra>>,
 }
 
@@ -229,6 +232,13 @@ impl Metrics {
             "Closed WebSocket connections.",
             "reason",
             &self.closes,
+        );
+        labeled(
+            &mut out,
+            "rate_limited_total",
+            "Times a connection was throttled for going over its rate limit.",
+            "kind",
+            &self.rate_limited,
         );
         for e in self.extra.read().iter() {
             header(&mut out, &e.name, &e.help, e.ty);

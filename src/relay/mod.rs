@@ -15,7 +15,7 @@ pub mod http;
 pub mod metrics;
 pub mod server;
 
-pub use config::{ServerConfig, SocketConfig};
+pub use config::{RateLimit, ServerConfig, SocketConfig};
 pub use connection::{serve_connection, CloseKind};
 pub use metrics::{MetricType, Metrics};
-pub use server::{run, ServerError, LIMIT_REASON};
+pub use server::{run, ServerError, IP_LIMIT_REASON, LIMIT_REASON};

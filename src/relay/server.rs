@@ -1,11 +1,13 @@
 //! The accept loop: route each TCP connection (WebSocket upgrade, `/health`, `/metrics`,
 //! 404), cap connections, and shut down gracefully. Shaped after mini-redis's `server::run`.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
@@ -18,6 +20,7 @@ use tracing::{debug, error, info, warn};
 use super::config::ServerConfig;
 use super::connection::serve_connection;
 use super::http::{self, HeadError, Prefixed};
+use crate::auth::{Access, AuthError};
 use crate::net::shutdown::{shutdown_channel, Shutdown};
 use crate::net::{ConnInfo, Direction, Hub};
 
@@ -30,12 +33,45 @@ pub enum ServerError {
 
 /// Close reason sent to the connection over the cap.
 pub const LIMIT_REASON: &str = "server at connection limit";
+/// Close reason (code 1008) sent to a connection over the per-address cap.
+pub const IP_LIMIT_REASON: &str = "too many connections from your address";
 
 struct Ctx {
     hub: Arc<dyn Hub>,
     config: ServerConfig,
     conn_limit: Arc<Semaphore>,
     shutdown: Shutdown,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One served connection counted against its address; uncounted on drop.
+struct IpSlot<'a> {
+    ctx: &'a Ctx,
+    ip: IpAddr,
+}
+
+impl Ctx {
+    fn take_ip_slot(&self, ip: IpAddr) -> Option<IpSlot<'_>> {
+        let mut map = self.per_ip.lock();
+        let n = map.entry(ip).or_insert(0);
+        if *n >= self.config.max_connections_per_ip {
+            return None;
+        }
+        *n += 1;
+        Some(IpSlot { ctx: self, ip })
+    }
+}
+
+impl Drop for IpSlot<'_> {
+    fn drop(&mut self) {
+        let mut map = self.ctx.per_ip.lock();
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// Accept connections on `listener` until `shutdown` resolves, then close every socket
@@ -55,6 +91,7 @@ pub async fn run(
         conn_limit: Arc::new(Semaphore::new(config.max_connections)),
         config,
         shutdown: shutdown_rx,
+        per_ip: Mutex::new(HashMap::new()),
     });
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "relay listening");
@@ -180,6 +217,9 @@ async fn handle_tcp(
         return;
     }
 
+    // Checked before the upgrade, answered after it: a browser WebSocket cannot read an
+    // HTTP error body, but it sees a close code and reason.
+    let access = authorize(&head, &ctx.config);
     let conn_permit = ctx.conn_limit.clone().try_acquire_owned().ok();
     let ws_config = ctx.config.socket.websocket_config();
     let stream = Prefixed::new(head_bytes, tcp);
@@ -206,13 +246,48 @@ async fn handle_tcp(
     let Some(_conn_permit) = conn_permit else {
         metrics.connections_rejected.inc("connection_limit");
         info!(%addr, "at connection limit; rejecting");
-        reject(ws, ctx.config.socket.close_timeout).await;
+        reject(
+            ws,
+            CloseCode::Again,
+            LIMIT_REASON,
+            ctx.config.socket.close_timeout,
+        )
+        .await;
+        return;
+    };
+    let access = match access {
+        Ok(access) => access,
+        Err(e) => {
+            metrics.connections_rejected.inc(e.label());
+            info!(%addr, error = %e, "refusing connection: no valid token");
+            let reason = format!("unauthorized: {e}");
+            reject(
+                ws,
+                CloseCode::Policy,
+                &reason,
+                ctx.config.socket.close_timeout,
+            )
+            .await;
+            return;
+        }
+    };
+    let Some(_ip_slot) = ctx.take_ip_slot(addr.ip()) else {
+        metrics.connections_rejected.inc("ip_limit");
+        info!(%addr, "at per-address connection limit; rejecting");
+        reject(
+            ws,
+            CloseCode::Policy,
+            IP_LIMIT_REASON,
+            ctx.config.socket.close_timeout,
+        )
+        .await;
         return;
     };
 
     let (conn, outgoing) = ctx.hub.connect(ConnInfo {
         direction: Direction::Incoming,
         remote_addr: Some(addr),
+        access,
     });
     info!(%addr, conn = conn.0, "connection open");
     serve_connection(
@@ -228,15 +303,31 @@ async fn handle_tcp(
     .await;
 }
 
-/// Close with 1013 and wait (bounded) for the peer's Close reply.
-async fn reject<S>(mut ws: WebSocketStream<S>, wait: Duration)
+/// What a WebSocket request may do: from its token when auth is on (an error if it has no
+/// valid one), plus the per-connection document cap.
+fn authorize(head: &http::RequestHead, config: &ServerConfig) -> Result<Option<Access>, AuthError> {
+    let max_docs = config.max_docs_per_connection;
+    match &config.auth {
+        None => Ok(max_docs.map(|m| Access::all(Some(m)))),
+        Some(keys) => {
+            let token = head.token.as_deref().ok_or(AuthError::Missing)?;
+            let claims = keys.verify(token)?;
+            let mut access = claims.access();
+            access.max_docs = max_docs;
+            Ok(Some(access))
+        }
+    }
+}
+
+/// Close with `code` and `reason`, and wait (bounded) for the peer's Close reply.
+async fn reject<S>(mut ws: WebSocketStream<S>, code: CloseCode, reason: &str, wait: Duration)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     use futures::StreamExt;
     let frame = CloseFrame {
-        code: CloseCode::Again,
-        reason: LIMIT_REASON.into(),
+        code,
+        reason: super::connection::truncate_reason(reason).to_owned().into(),
     };
     if ws.close(Some(frame)).await.is_err() {
         return;

@@ -28,6 +28,7 @@ pub(crate) enum Cmd {
     Connect {
         conn: ConnId,
         direction: Direction,
+        access: Option<crate::auth::Access>,
         tx: mpsc::Sender<Outgoing>,
     },
     Create {
@@ -184,10 +185,15 @@ impl Driver {
                     Cmd::Connect {
                         conn,
                         direction,
+                        access,
                         tx,
                     } => {
                         self.conns.insert(conn, tx);
-                        inputs.push(Input::ConnOpened { conn, direction });
+                        inputs.push(Input::ConnOpened {
+                            conn,
+                            direction,
+                            access,
+                        });
                     }
                     Cmd::Create { id, doc, reply } => {
                         creates.push((id, reply));
@@ -418,6 +424,14 @@ impl Driver {
             }
             Event::PeerError { conn, error } => {
                 tracing::warn!(?conn, %error, "peer error");
+            }
+            Event::AccessDenied { conn, doc, reason } => {
+                tracing::debug!(?conn, %doc, ?reason, "document refused to peer");
+                let counter = match reason {
+                    crate::engine::Denied::NotCovered => &inner.stats.docs_denied,
+                    crate::engine::Denied::DocLimit => &inner.stats.doc_limit_hits,
+                };
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             Event::Evicted { doc } => {
                 let mut chans = inner.channels.lock();

@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::engine::{EngineConfig, Input};
 use crate::id::{AutomergeUrl, DocumentId, PeerId, StorageId};
-use crate::net::client::{spawn_reconnecting, Backoff, ClientConfig, ConnectionState};
+use crate::net::client::{spawn_reconnecting, Backoff, ClientConfig, ConnectionState, TokenSource};
 use crate::net::shutdown::{shutdown_channel, Shutdown, ShutdownTrigger};
 use crate::net::{ConnId, ConnInfo, Hub, Outgoing};
 use crate::protocol::Message;
@@ -107,6 +107,11 @@ pub struct RepoStats {
     pub engine_nanos: AtomicU64,
     /// Documents held in memory after the last batch.
     pub loaded_docs: AtomicU64,
+    /// Requests, syncs and ephemeral messages refused because the peer's token does not
+    /// cover the document.
+    pub docs_denied: AtomicU64,
+    /// ... refused because the connection already syncs its maximum of documents.
+    pub doc_limit_hits: AtomicU64,
 }
 
 pub(crate) struct Inner {
@@ -293,13 +298,26 @@ impl Repo {
     /// Dial a relay or any automerge-repo server and keep the connection up (reconnecting
     /// with backoff). Edits made offline flow when it comes back. Needs a tokio runtime.
     pub fn connect(&self, url: &str) -> Result<watch::Receiver<ConnectionState>, RepoError> {
+        self.connect_with(url, ConnectOptions::default())
+    }
+
+    /// [`Repo::connect`] with options, e.g. a capability token for a relay with auth on:
+    /// `repo.connect_with(url, ConnectOptions::token(t))`.
+    pub fn connect_with(
+        &self,
+        url: &str,
+        options: ConnectOptions,
+    ) -> Result<watch::Receiver<ConnectionState>, RepoError> {
         tokio::runtime::Handle::try_current().map_err(|_| RepoError::NoRuntime)?;
         let (state_tx, state_rx) = watch::channel(ConnectionState::Connecting);
         spawn_reconnecting(
             url.to_string(),
             self.hub(),
-            ClientConfig::default(),
-            Backoff::default(),
+            ClientConfig {
+                token: options.token,
+                ..ClientConfig::default()
+            },
+            options.backoff,
             state_tx,
             self.inner.shutdown_rx.clone(),
         );
@@ -397,6 +415,32 @@ impl Connection {
     }
 }
 
+/// How [`Repo::connect_with`] dials.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectOptions {
+    /// Asked for a token before each (re)connect.
+    pub token: Option<TokenSource>,
+    pub backoff: Backoff,
+}
+
+impl ConnectOptions {
+    /// Always present this token.
+    pub fn token(token: impl Into<String>) -> Self {
+        Self {
+            token: Some(TokenSource::fixed(token)),
+            ..Self::default()
+        }
+    }
+
+    /// Ask `f` for a token before each (re)connect (refresh expiring tokens there).
+    pub fn token_fn(f: impl Fn() -> Option<String> + Send + Sync + 'static) -> Self {
+        Self {
+            token: Some(TokenSource::from_fn(f)),
+            ..Self::default()
+        }
+    }
+}
+
 impl Drop for Connection {
     fn drop(&mut self) {
         drop(self.stop.take());
@@ -419,6 +463,7 @@ impl Hub for RepoHub {
         let _ = inner.send(Cmd::Connect {
             conn,
             direction: info.direction,
+            access: info.access,
             tx,
         });
         (conn, rx)

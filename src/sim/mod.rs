@@ -296,10 +296,12 @@ impl Sim {
         self.nodes[client].inputs.push(Input::ConnOpened {
             conn: client_conn,
             direction: Direction::Outgoing,
+            access: None,
         });
         self.nodes[server].inputs.push(Input::ConnOpened {
             conn: server_conn,
             direction: Direction::Incoming,
+            access: None,
         });
         self.links.push(Link {
             client,

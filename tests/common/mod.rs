@@ -134,10 +134,12 @@ impl Net {
         self.nodes[client].inputs.push(Input::ConnOpened {
             conn: a_conn,
             direction: Direction::Outgoing,
+            access: None,
         });
         self.nodes[server].inputs.push(Input::ConnOpened {
             conn: b_conn,
             direction: Direction::Incoming,
+            access: None,
         });
         self.links.push(Link {
             a: client,
