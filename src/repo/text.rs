@@ -50,7 +50,13 @@ pub enum TextError {
     #[error(transparent)]
     Automerge(#[from] AutomergeError),
     #[error(transparent)]
-    Repo(#[from] RepoError),
+    Repo(Box<RepoError>),
+}
+
+impl From<RepoError> for TextError {
+    fn from(e: RepoError) -> Self {
+        Self::Repo(Box::new(e))
+    }
 }
 
 /// A mark (bold, link, comment...) over a range in the caller's unit.
