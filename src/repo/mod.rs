@@ -19,6 +19,7 @@ pub mod text;
 
 pub use error::RepoError;
 pub use handle::{ChangeEvent, Changes, DocHandle, SaveState};
+pub use history::{ChangeInfo, HistoryError};
 pub use text::{TextError, TextIndex, TextMark};
 
 use std::collections::HashMap;
