@@ -125,7 +125,7 @@ async fn command(repo: &Repo, cmd: Cmd) -> anyhow::Result<()> {
             ids.sort_by_key(|id| id.to_string());
             for id in ids {
                 let h = repo.find(id).await?;
-                match h.with_doc(|d| title(d)) {
+                match h.with_doc(title) {
                     Some(t) => println!("{}\t{t}", h.url()),
                     None => println!("{}", h.url()),
                 }
