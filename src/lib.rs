@@ -15,7 +15,9 @@
 //!   with reconnect and backoff ([`net::client`]).
 //! - [`relay`]: the WebSocket server: `run(listener, hub, config, shutdown)`, the per-socket
 //!   loop (limits, keepalive, close codes), `/health` and Prometheus `/metrics`.
-//! - [`repo`]: the runtime: [`Repo`] (store + engine thread + sockets) and [`DocHandle`].
+//! - [`repo`]: the runtime: [`Repo`] (store + engine thread + sockets) and [`DocHandle`];
+//!   editor helpers: rich text at code-point or UTF-16 offsets ([`repo::text`]) and history
+//!   ([`repo::history`]). The `sheaf` binary is the command line over it.
 //! - [`sim`]: the deterministic network simulator (tests, fuzzing).
 //! - `traces`: loaders for the editing traces in `shared/traces` and document builders
 //!   (tests and benchmarks; hidden from the docs).

@@ -1,1 +1,465 @@
-fn main() {}
+//! `sheaf`: the command line for a local sheaf store: create, list, read, edit (in `$EDITOR`),
+//! inspect history, import/export and sync notes with a relay.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use automerge::transaction::{Transactable, Transaction};
+use automerge::{AutomergeError, ObjId, ObjType, ReadDoc, ScalarValue, Value, ROOT};
+use clap::{Parser, Subcommand};
+use sheafdb::engine::PeerSyncStatus;
+use sheafdb::net::client::ConnectionState;
+use sheafdb::{AutomergeUrl, DocHandle, DocumentId, Repo, RepoConfig};
+
+#[derive(Parser, Debug)]
+#[command(name = "sheaf", version, about = "A local-first note store")]
+struct Args {
+    /// Data directory of the store.
+    #[arg(long, global = true, env = "SHEAF_DATA_DIR", default_value = sheafdb::repo::DEFAULT_DATA_DIR)]
+    data_dir: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Create a note and print its URL.
+    New {
+        #[arg(long)]
+        title: Option<String>,
+    },
+    /// List notes: URL and title.
+    Ls,
+    /// Print a note as JSON (a URL with `#heads` prints that version).
+    Cat {
+        url: String,
+        /// Print only this text field, as plain text.
+        #[arg(long, value_name = "KEY")]
+        text: Option<String>,
+    },
+    /// Edit a text field in $EDITOR; the result is merged in as a minimal diff.
+    Edit {
+        url: String,
+        #[arg(long, default_value = "text")]
+        key: String,
+    },
+    /// List a note's changes, oldest first.
+    Log { url: String },
+    /// Sync every local note with a relay, then exit.
+    Sync {
+        #[arg(long, value_name = "ws://HOST:PORT")]
+        relay: String,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+    /// Write a note as Automerge bytes (or JSON with --json) to stdout or a file.
+    Export {
+        url: String,
+        #[arg(long)]
+        json: bool,
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+    /// Create a note from a file of Automerge bytes or a JSON object; prints its URL.
+    Import { file: PathBuf },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "off".into()),
+        )
+        .init();
+    let args = Args::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sheaf: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // one line: the error and its causes
+            eprintln!("sheaf: {}", format!("{e:#}").replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let config = RepoConfig {
+        find_timeout: Duration::from_secs(5),
+        ..RepoConfig::default()
+    };
+    let repo = Repo::open_with(&args.data_dir, config)
+        .with_context(|| format!("opening data directory {}", args.data_dir.display()))?;
+    let out = command(&repo, args.cmd).await;
+    let closed = repo.shutdown().context("closing the store");
+    out.and(closed)
+}
+
+async fn command(repo: &Repo, cmd: Cmd) -> anyhow::Result<()> {
+    match cmd {
+        Cmd::New { title } => {
+            let h = repo.create().await?;
+            if let Some(t) = title {
+                h.change(|tx| tx.put(ROOT, "title", t))?;
+            }
+            h.saved().await?;
+            println!("{}", h.url());
+        }
+        Cmd::Ls => {
+            let mut ids = repo.list()?;
+            ids.sort_by_key(|id| id.to_string());
+            for id in ids {
+                let h = repo.find(id).await?;
+                match h.with_doc(title) {
+                    Some(t) => println!("{}\t{t}", h.url()),
+                    None => println!("{}", h.url()),
+                }
+            }
+        }
+        Cmd::Cat { url, text } => {
+            let (h, heads) = open(repo, &url).await?;
+            match text {
+                Some(key) => {
+                    let s = h.with_doc(|d| -> anyhow::Result<String> {
+                        let t = text_obj(d, &key)?
+                            .ok_or_else(|| anyhow!("{url} has no field {key:?}"))?;
+                        Ok(match &heads {
+                            Some(hd) => d.text_at(&t, hd)?,
+                            None => d.text(&t)?,
+                        })
+                    })?;
+                    print!("{s}");
+                    if !s.ends_with('\n') {
+                        println!();
+                    }
+                }
+                None => {
+                    let v = match &heads {
+                        Some(hd) => h.json_at(hd)?,
+                        None => h.to_json(),
+                    };
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                }
+            }
+        }
+        Cmd::Edit { url, key } => edit(repo, &url, &key).await?,
+        Cmd::Log { url } => {
+            let (h, _) = open(repo, &url).await?;
+            for c in h.history() {
+                let deps: Vec<String> = c.deps.iter().map(|d| short(&d.to_string())).collect();
+                print!(
+                    "{} actor={} seq={} time={} ops={} deps=[{}]",
+                    c.hash,
+                    short(&c.actor),
+                    c.seq,
+                    c.time,
+                    c.ops,
+                    deps.join(",")
+                );
+                match &c.message {
+                    Some(m) => println!(" {m}"),
+                    None => println!(),
+                }
+            }
+        }
+        Cmd::Sync { relay, timeout } => sync(repo, &relay, Duration::from_secs(timeout)).await?,
+        Cmd::Export { url, json, output } => {
+            let (h, heads) = open(repo, &url).await?;
+            let bytes = match (json, &heads) {
+                (true, Some(hd)) => serde_json::to_vec_pretty(&h.json_at(hd)?)?,
+                (true, None) => serde_json::to_vec_pretty(&h.to_json())?,
+                (false, Some(hd)) => h.with_doc(|d| d.fork_at(hd))?.save(),
+                (false, None) => h.export(),
+            };
+            match output {
+                Some(p) => std::fs::write(&p, &bytes)
+                    .with_context(|| format!("writing {}", p.display()))?,
+                None => {
+                    let mut o = std::io::stdout().lock();
+                    o.write_all(&bytes)?;
+                    if json {
+                        o.write_all(b"\n")?;
+                    }
+                }
+            }
+        }
+        Cmd::Import { file } => {
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let h = import(repo, &file, &bytes).await?;
+            h.saved().await?;
+            println!("{}", h.url());
+        }
+    }
+    Ok(())
+}
+
+/// A note by URL (`automerge:…`, optionally `#heads`) or bare id; only notes in the store.
+async fn open(
+    repo: &Repo,
+    url: &str,
+) -> anyhow::Result<(DocHandle, Option<Vec<automerge::ChangeHash>>)> {
+    let url: AutomergeUrl = match url.parse::<AutomergeUrl>() {
+        Ok(u) => u,
+        Err(e) => match url.parse::<DocumentId>() {
+            Ok(id) => id.into(),
+            Err(_) => bail!("not a note URL: {url:?} ({e})"),
+        },
+    };
+    if !repo.list()?.contains(&url.id) {
+        bail!("no note {} in this store", AutomergeUrl::new(url.id));
+    }
+    let h = repo.find(url.id).await?;
+    if let Some(heads) = &url.heads {
+        if let Some(missing) = heads.iter().find(|x| h.change_info(x).is_none()) {
+            bail!("note {} has no change {missing}", h.url());
+        }
+    }
+    Ok((h, url.heads))
+}
+
+fn title(d: &automerge::Automerge) -> Option<String> {
+    match d.get(ROOT, "title").ok()?? {
+        (Value::Scalar(s), _) => match s.as_ref() {
+            ScalarValue::Str(s) => Some(s.to_string()),
+            _ => None,
+        },
+        (Value::Object(ObjType::Text), id) => d.text(&id).ok(),
+        _ => None,
+    }
+}
+
+/// The text object at root `key`: `None` if absent, an error if something else is there.
+fn text_obj<D: ReadDoc>(d: &D, key: &str) -> anyhow::Result<Option<ObjId>> {
+    match d.get(ROOT, key)? {
+        None => Ok(None),
+        Some((Value::Object(ObjType::Text), id)) => Ok(Some(id)),
+        Some(_) => bail!("field {key:?} is not text"),
+    }
+}
+
+fn short(s: &str) -> String {
+    s.chars().take(8).collect()
+}
+
+async fn edit(repo: &Repo, url: &str, key: &str) -> anyhow::Result<()> {
+    let (h, heads) = open(repo, url).await?;
+    if heads.is_some() {
+        bail!("cannot edit a past version; drop the #heads from the URL");
+    }
+    let current = h.with_doc(|d| -> anyhow::Result<String> {
+        Ok(match text_obj(d, key)? {
+            Some(t) => d.text(&t)?,
+            None => String::new(),
+        })
+    })?;
+    let dir = tempfile_dir()?;
+    let path = dir.join(format!("{}-{key}.txt", h.id()));
+    let result = (|| -> anyhow::Result<String> {
+        std::fs::write(&path, &current).with_context(|| format!("writing {}", path.display()))?;
+        let editor = std::env::var("VISUAL")
+            .or_else(|_| std::env::var("EDITOR"))
+            .unwrap_or_else(|_| "vi".into());
+        // Through the shell, so EDITOR may carry arguments ("code --wait", "sed -i s/a/b/").
+        let status = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("{editor} \"$1\""))
+            .arg("sh")
+            .arg(&path)
+            .status()
+            .with_context(|| format!("running the editor {editor:?}"))?;
+        if !status.success() {
+            bail!("the editor {editor:?} failed ({status}); the note is unchanged");
+        }
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    let new = result?;
+    if new == current {
+        eprintln!("no changes");
+        return Ok(());
+    }
+    // The note may have changed meanwhile (another process can't: the store is locked; but a
+    // future long-running sync could): update_text diffs against the text as it is now.
+    let key = key.to_string();
+    h.change(|tx| {
+        let t = match tx.get(ROOT, key.as_str())? {
+            Some((Value::Object(ObjType::Text), id)) => id,
+            None => tx.put_object(ROOT, key.as_str(), ObjType::Text)?,
+            Some(_) => return Err(AutomergeError::Fail),
+        };
+        tx.update_text(&t, &new)
+    })
+    .with_context(|| format!("updating field {key:?}"))?;
+    h.saved().await?;
+    eprintln!("updated {} ({key})", h.url());
+    Ok(())
+}
+
+fn tempfile_dir() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!(
+        "sheaf-edit-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+async fn import(repo: &Repo, file: &Path, bytes: &[u8]) -> anyhow::Result<DocHandle> {
+    if let Ok(serde_json::Value::Object(map)) = serde_json::from_slice(bytes) {
+        let h = repo.create().await?;
+        h.change(|tx| {
+            for (k, v) in &map {
+                put_json(tx, &ROOT, k.as_str().into(), v)?;
+            }
+            Ok(())
+        })?;
+        return Ok(h);
+    }
+    repo.import(bytes).await.with_context(|| {
+        format!(
+            "{} is neither Automerge bytes nor a JSON object",
+            file.display()
+        )
+    })
+}
+
+enum Slot<'a> {
+    Key(&'a str),
+    Index(usize),
+}
+
+impl<'a> From<&'a str> for Slot<'a> {
+    fn from(k: &'a str) -> Self {
+        Slot::Key(k)
+    }
+}
+
+/// Write a JSON value into `obj` (strings become collaborative text).
+fn put_json(
+    tx: &mut Transaction<'_>,
+    obj: &ObjId,
+    slot: Slot<'_>,
+    v: &serde_json::Value,
+) -> Result<(), AutomergeError> {
+    use serde_json::Value as J;
+    let scalar = |v: &J| -> Option<ScalarValue> {
+        Some(match v {
+            J::Null => ScalarValue::Null,
+            J::Bool(b) => ScalarValue::Boolean(*b),
+            J::Number(n) => match (n.as_i64(), n.as_u64(), n.as_f64()) {
+                (Some(i), _, _) => ScalarValue::Int(i),
+                (None, Some(u), _) => ScalarValue::Uint(u),
+                (_, _, f) => ScalarValue::F64(f.unwrap_or(0.0)),
+            },
+            _ => return None,
+        })
+    };
+    if let Some(s) = scalar(v) {
+        return match slot {
+            Slot::Key(k) => tx.put(obj, k, s),
+            Slot::Index(i) => tx.insert(obj, i, s),
+        };
+    }
+    let typ = match v {
+        J::String(_) => ObjType::Text,
+        J::Array(_) => ObjType::List,
+        _ => ObjType::Map,
+    };
+    let child = match slot {
+        Slot::Key(k) => tx.put_object(obj, k, typ)?,
+        Slot::Index(i) => tx.insert_object(obj, i, typ)?,
+    };
+    match v {
+        J::String(s) => tx.splice_text(&child, 0, 0, s),
+        J::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                put_json(tx, &child, Slot::Index(i), item)?;
+            }
+            Ok(())
+        }
+        J::Object(m) => {
+            for (k, item) in m {
+                put_json(tx, &child, Slot::Key(k), item)?;
+            }
+            Ok(())
+        }
+        _ => unreachable!("scalars handled above"),
+    }
+}
+
+async fn sync(repo: &Repo, relay: &str, timeout: Duration) -> anyhow::Result<()> {
+    if !(relay.starts_with("ws://") || relay.starts_with("wss://")) {
+        bail!("the relay must be a ws:// or wss:// URL, not {relay:?}");
+    }
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut state = repo.connect(relay)?;
+    eprintln!("connecting to {relay}");
+    let connected = tokio::time::timeout_at(
+        deadline,
+        state.wait_for(|s| matches!(s, ConnectionState::Connected)),
+    )
+    .await;
+    if connected.is_err() {
+        bail!("could not connect to {relay} within {timeout:?}");
+    }
+    let mut peers = repo.peers();
+    if tokio::time::timeout_at(deadline, peers.wait_for(|p| !p.is_empty()))
+        .await
+        .is_err()
+    {
+        bail!("connected to {relay} but the handshake did not finish within {timeout:?}");
+    }
+    let relay_peers = peers.borrow().clone();
+    let ids = repo.list()?;
+    let total = ids.len();
+    let mut handles = Vec::with_capacity(total);
+    for id in ids {
+        handles.push(repo.find(id).await?);
+    }
+    eprintln!("syncing {total} notes");
+    let is_synced = |h: &DocHandle| {
+        let st: HashMap<_, _> = h.sync_status().borrow().clone();
+        relay_peers
+            .iter()
+            .any(|p| st.get(p) == Some(&PeerSyncStatus::Synced))
+    };
+    let mut done = 0;
+    let mut pending: Vec<DocHandle> = handles;
+    while !pending.is_empty() {
+        pending.retain(|h| !is_synced(h));
+        let now_done = total - pending.len();
+        if now_done != done {
+            done = now_done;
+            eprintln!("synced {done}/{total}");
+        }
+        if pending.is_empty() {
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("timed out after {timeout:?}: {done} of {total} notes synced");
+        }
+        // Wake on any status change of a pending note, or poll again shortly.
+        let mut rx = pending[0].sync_status();
+        let _ = tokio::time::timeout(Duration::from_millis(100), rx.changed()).await;
+    }
+    repo.flush().await?;
+    println!("synced {total} notes");
+    Ok(())
+}

@@ -77,7 +77,12 @@ impl DocHandle {
                     return Err(RepoError::Change(e));
                 }
             };
-            let (hash, _) = tx.commit();
+            // Stamp changes with the wall clock in seconds, as JS Automerge does, for history.
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            let (hash, _) =
+                tx.commit_with(automerge::transaction::CommitOptions::default().with_time(now));
             (out, doc.get_heads(), hash.is_some())
         };
         if changed {

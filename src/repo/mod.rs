@@ -14,9 +14,13 @@
 mod driver;
 mod error;
 mod handle;
+pub mod history;
+pub mod text;
 
 pub use error::RepoError;
 pub use handle::{ChangeEvent, Changes, DocHandle, SaveState};
+pub use history::{ChangeInfo, HistoryError};
+pub use text::{TextError, TextIndex, TextMark};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,409 @@
+//! Rich text helpers for editors: splices and marks at offsets in the unit the editor uses
+//! ([`TextIndex`]: Unicode code points or UTF-16 code units, as in JavaScript), diffing a new
+//! string in with `update_text`, and stable cursors that survive concurrent edits.
+//!
+//! Automerge indexes text in the document's own [`TextEncoding`] (code points in this build).
+//! Every offset here is converted from the caller's unit to the document's and back, against
+//! the text as it is inside the same transaction, so a splice never lands in the middle of a
+//! character. An UTF-16 offset that falls between the two halves of a surrogate pair (an emoji,
+//! say) is rejected with [`TextError::SplitsSurrogatePair`] rather than rounded.
+//!
+//! The free functions ([`splice`], [`mark`], [`marks`], [`cursor`]...) work on any Automerge
+//! document or transaction; the [`DocHandle`] methods wrap them in one change each.
+
+use std::ops::Range;
+
+use automerge::marks::{ExpandMark, Mark};
+use automerge::transaction::{Transactable, Transaction};
+use automerge::{
+    AutomergeError, Cursor, CursorPosition, ObjId, ReadDoc, ScalarValue, TextEncoding,
+};
+
+use super::{DocHandle, RepoError};
+
+/// The unit an editor counts text offsets in. Chosen explicitly on every call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextIndex {
+    /// Unicode scalar values (Rust `char`s; Python, Swift `unicodeScalars`).
+    CodePoints,
+    /// UTF-16 code units (JavaScript strings, DOM selections, CodeMirror, ProseMirror).
+    Utf16,
+}
+
+/// What can go wrong editing text.
+#[derive(Debug, thiserror::Error)]
+pub enum TextError {
+    #[error("UTF-16 offset {offset} falls inside a surrogate pair")]
+    SplitsSurrogatePair { offset: usize },
+    #[error("offset {offset} is past the end of the text ({len} {unit:?} long)")]
+    OutOfRange {
+        offset: usize,
+        len: usize,
+        unit: TextIndex,
+    },
+    #[error("range {start}..{end} ends before it starts")]
+    BadRange { start: usize, end: usize },
+    #[error("the object is not text")]
+    NotText,
+    #[error("the document counts text in {0:?}, which sheaf does not convert")]
+    UnsupportedEncoding(TextEncoding),
+    #[error(transparent)]
+    Automerge(#[from] AutomergeError),
+    #[error(transparent)]
+    Repo(Box<RepoError>),
+}
+
+impl From<RepoError> for TextError {
+    fn from(e: RepoError) -> Self {
+        Self::Repo(Box::new(e))
+    }
+}
+
+/// A mark (bold, link, comment...) over a range in the caller's unit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TextMark {
+    pub name: String,
+    pub value: ScalarValue,
+    pub range: Range<usize>,
+}
+
+/// The document's native unit, as far as sheaf converts.
+#[derive(Clone, Copy)]
+enum Native {
+    CodePoints,
+    Utf16,
+    Utf8,
+}
+
+fn native(enc: TextEncoding) -> Result<Native, TextError> {
+    match enc {
+        TextEncoding::UnicodeCodePoint => Ok(Native::CodePoints),
+        TextEncoding::Utf16CodeUnit => Ok(Native::Utf16),
+        TextEncoding::Utf8CodeUnit => Ok(Native::Utf8),
+        other => Err(TextError::UnsupportedEncoding(other)),
+    }
+}
+
+fn char_width(c: char, n: Native) -> usize {
+    match n {
+        Native::CodePoints => 1,
+        Native::Utf16 => c.len_utf16(),
+        Native::Utf8 => c.len_utf8(),
+    }
+}
+
+impl From<TextIndex> for Native {
+    fn from(u: TextIndex) -> Self {
+        match u {
+            TextIndex::CodePoints => Native::CodePoints,
+            TextIndex::Utf16 => Native::Utf16,
+        }
+    }
+}
+
+/// The length of `s` in `unit`.
+pub fn text_len(s: &str, unit: TextIndex) -> usize {
+    match unit {
+        TextIndex::CodePoints => s.chars().count(),
+        TextIndex::Utf16 => s.encode_utf16().count(),
+    }
+}
+
+/// The code-point index of `offset` (counted in `n`); errors if it splits a character.
+fn to_chars(s: &str, offset: usize, n: Native, unit: TextIndex) -> Result<usize, TextError> {
+    let mut at = 0;
+    for (i, c) in s.chars().enumerate() {
+        if at == offset {
+            return Ok(i);
+        }
+        at += char_width(c, n);
+        if at > offset {
+            return Err(TextError::SplitsSurrogatePair { offset });
+        }
+    }
+    if at == offset {
+        Ok(s.chars().count())
+    } else {
+        Err(TextError::OutOfRange {
+            offset,
+            len: at,
+            unit,
+        })
+    }
+}
+
+/// The offset, counted in `n`, of code point `chars`.
+fn from_chars(s: &str, chars: usize, n: Native) -> usize {
+    s.chars().take(chars).map(|c| char_width(c, n)).sum()
+}
+
+/// Convert an offset in `unit` into the same position in `to`. Fails on an offset that splits a
+/// surrogate pair or lies past the end.
+pub fn convert_offset(
+    s: &str,
+    offset: usize,
+    unit: TextIndex,
+    to: TextIndex,
+) -> Result<usize, TextError> {
+    let c = to_chars(s, offset, unit.into(), unit)?;
+    Ok(from_chars(s, c, to.into()))
+}
+
+fn to_native(
+    s: &str,
+    offset: usize,
+    unit: TextIndex,
+    enc: TextEncoding,
+) -> Result<usize, TextError> {
+    let c = to_chars(s, offset, unit.into(), unit)?;
+    Ok(from_chars(s, c, native(enc)?))
+}
+
+fn from_native(
+    s: &str,
+    offset: usize,
+    enc: TextEncoding,
+    unit: TextIndex,
+) -> Result<usize, TextError> {
+    let c = to_chars(s, offset, native(enc)?, unit)?;
+    Ok(from_chars(s, c, unit.into()))
+}
+
+fn text_of<D: ReadDoc>(doc: &D, obj: &ObjId) -> Result<String, TextError> {
+    match doc.object_type(obj) {
+        Ok(automerge::ObjType::Text) => Ok(doc.text(obj)?),
+        Ok(_) => Err(TextError::NotText),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn native_range<D: ReadDoc>(
+    doc: &D,
+    s: &str,
+    range: &Range<usize>,
+    unit: TextIndex,
+) -> Result<Range<usize>, TextError> {
+    if range.end < range.start {
+        return Err(TextError::BadRange {
+            start: range.start,
+            end: range.end,
+        });
+    }
+    let enc = doc.text_encoding();
+    Ok(to_native(s, range.start, unit, enc)?..to_native(s, range.end, unit, enc)?)
+}
+
+/// Replace `delete` units at `index` with `insert`.
+pub fn splice<T: Transactable>(
+    tx: &mut T,
+    obj: &ObjId,
+    index: usize,
+    delete: usize,
+    insert: &str,
+    unit: TextIndex,
+) -> Result<(), TextError> {
+    let s = text_of(tx, obj)?;
+    let r = native_range(tx, &s, &(index..index.saturating_add(delete)), unit)?;
+    tx.splice_text(obj, r.start, (r.end - r.start) as isize, insert)?;
+    Ok(())
+}
+
+/// Mark `range` with `name` = `value`. `expand` says whether text typed at the edges joins it.
+pub fn mark<T: Transactable>(
+    tx: &mut T,
+    obj: &ObjId,
+    range: Range<usize>,
+    name: &str,
+    value: impl Into<ScalarValue>,
+    expand: ExpandMark,
+    unit: TextIndex,
+) -> Result<(), TextError> {
+    let s = text_of(tx, obj)?;
+    let r = native_range(tx, &s, &range, unit)?;
+    tx.mark(obj, Mark::new(name.into(), value, r.start, r.end), expand)?;
+    Ok(())
+}
+
+/// Remove mark `name` from `range`.
+pub fn unmark<T: Transactable>(
+    tx: &mut T,
+    obj: &ObjId,
+    range: Range<usize>,
+    name: &str,
+    expand: ExpandMark,
+    unit: TextIndex,
+) -> Result<(), TextError> {
+    let s = text_of(tx, obj)?;
+    let r = native_range(tx, &s, &range, unit)?;
+    tx.unmark(obj, name, r.start, r.end, expand)?;
+    Ok(())
+}
+
+/// Every mark on the text, with ranges in `unit`.
+pub fn marks<D: ReadDoc>(
+    doc: &D,
+    obj: &ObjId,
+    unit: TextIndex,
+) -> Result<Vec<TextMark>, TextError> {
+    let s = text_of(doc, obj)?;
+    let enc = doc.text_encoding();
+    doc.marks(obj)?
+        .into_iter()
+        .map(|m| {
+            Ok(TextMark {
+                name: m.name().to_string(),
+                value: m.value().clone(),
+                range: from_native(&s, m.start, enc, unit)?..from_native(&s, m.end, enc, unit)?,
+            })
+        })
+        .collect()
+}
+
+/// A stable cursor before the character at `index` (or at the end when `index` is the
+/// length). It follows that character through concurrent edits; if the character is deleted
+/// it moves to the next surviving one.
+pub fn cursor<D: ReadDoc>(
+    doc: &D,
+    obj: &ObjId,
+    index: usize,
+    unit: TextIndex,
+) -> Result<Cursor, TextError> {
+    let s = text_of(doc, obj)?;
+    let i = to_native(&s, index, unit, doc.text_encoding())?;
+    let pos = if i == doc.length(obj) {
+        CursorPosition::End
+    } else {
+        CursorPosition::Index(i)
+    };
+    Ok(doc.get_cursor(obj, pos, None)?)
+}
+
+/// Where `cursor` is now, in `unit`.
+pub fn cursor_position<D: ReadDoc>(
+    doc: &D,
+    obj: &ObjId,
+    cursor: &Cursor,
+    unit: TextIndex,
+) -> Result<usize, TextError> {
+    let s = text_of(doc, obj)?;
+    let i = doc.get_cursor_position(obj, cursor, None)?;
+    from_native(&s, i, doc.text_encoding(), unit)
+}
+
+impl DocHandle {
+    /// One change in which text helpers can fail with a [`TextError`] (rolled back then).
+    fn change_text<R>(
+        &self,
+        f: impl FnOnce(&mut Transaction<'_>) -> Result<R, TextError>,
+    ) -> Result<R, TextError> {
+        let mut err = None;
+        let r = self.change(|tx| {
+            f(tx).map_err(|e| {
+                err = Some(e);
+                AutomergeError::Fail
+            })
+        });
+        match (r, err) {
+            (Ok(v), _) => Ok(v),
+            (Err(_), Some(e)) => Err(e),
+            (Err(e), None) => Err(e.into()),
+        }
+    }
+
+    /// The current text of `obj`.
+    pub fn text(&self, obj: &ObjId) -> Result<String, TextError> {
+        self.with_doc(|d| text_of(d, obj))
+    }
+
+    /// Replace `delete` units at `index` with `insert` (offsets in `unit`).
+    pub fn splice_text(
+        &self,
+        obj: &ObjId,
+        index: usize,
+        delete: usize,
+        insert: &str,
+        unit: TextIndex,
+    ) -> Result<(), TextError> {
+        self.change_text(|tx| splice(tx, obj, index, delete, insert, unit))
+    }
+
+    /// Make the text equal to `new_text` with a minimal set of splices (a diff against the
+    /// current text), so concurrent edits elsewhere in the text survive.
+    pub fn update_text(&self, obj: &ObjId, new_text: &str) -> Result<(), TextError> {
+        self.change_text(|tx| {
+            text_of(tx, obj)?;
+            tx.update_text(obj, new_text)?;
+            Ok(())
+        })
+    }
+
+    /// Mark `range` (in `unit`) with `name` = `value`: `("bold", true)`,
+    /// `("link", "https://…")`, `("comment", "<comment id>")`.
+    pub fn mark(
+        &self,
+        obj: &ObjId,
+        range: Range<usize>,
+        name: &str,
+        value: impl Into<ScalarValue>,
+        expand: ExpandMark,
+        unit: TextIndex,
+    ) -> Result<(), TextError> {
+        self.change_text(|tx| mark(tx, obj, range, name, value, expand, unit))
+    }
+
+    /// Remove mark `name` from `range` (in `unit`).
+    pub fn unmark(
+        &self,
+        obj: &ObjId,
+        range: Range<usize>,
+        name: &str,
+        expand: ExpandMark,
+        unit: TextIndex,
+    ) -> Result<(), TextError> {
+        self.change_text(|tx| unmark(tx, obj, range, name, expand, unit))
+    }
+
+    /// Every mark on the text, ranges in `unit`.
+    pub fn marks(&self, obj: &ObjId, unit: TextIndex) -> Result<Vec<TextMark>, TextError> {
+        self.with_doc(|d| marks(d, obj, unit))
+    }
+
+    /// A stable cursor at `index` (in `unit`); see [`cursor`].
+    pub fn cursor(&self, obj: &ObjId, index: usize, unit: TextIndex) -> Result<Cursor, TextError> {
+        self.with_doc(|d| cursor(d, obj, index, unit))
+    }
+
+    /// Where `cursor` points now, in `unit`.
+    pub fn cursor_position(
+        &self,
+        obj: &ObjId,
+        cursor: &Cursor,
+        unit: TextIndex,
+    ) -> Result<usize, TextError> {
+        self.with_doc(|d| cursor_position(d, obj, cursor, unit))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utf16_offsets_around_emoji() {
+        let s = "a😀b"; // a=1, 😀=2 UTF-16 units, b=1
+        assert_eq!(text_len(s, TextIndex::Utf16), 4);
+        assert_eq!(text_len(s, TextIndex::CodePoints), 3);
+        let c = |o| convert_offset(s, o, TextIndex::Utf16, TextIndex::CodePoints);
+        assert_eq!(c(0).unwrap(), 0);
+        assert_eq!(c(1).unwrap(), 1);
+        assert!(matches!(
+            c(2),
+            Err(TextError::SplitsSurrogatePair { offset: 2 })
+        ));
+        assert_eq!(c(3).unwrap(), 2);
+        assert_eq!(c(4).unwrap(), 3);
+        assert!(matches!(c(5), Err(TextError::OutOfRange { .. })));
+        let back = |o| convert_offset(s, o, TextIndex::CodePoints, TextIndex::Utf16).unwrap();
+        assert_eq!((back(0), back(1), back(2), back(3)), (0, 1, 3, 4));
+    }
+}

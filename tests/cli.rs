@@ -1,0 +1,235 @@
+//! The `sheaf` binary against a temporary data directory, and `sheaf sync` against an
+//! in-process relay.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use sheafdb::{AutomergeUrl, DocumentId, Repo, RepoConfig};
+
+fn sheaf(dir: &Path, args: &[&str]) -> Output {
+    sheaf_env(dir, args, &[])
+}
+
+fn sheaf_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_sheaf"));
+    c.arg("--data-dir").arg(dir).args(args);
+    c.env_remove("VISUAL").env_remove("SHEAF_DATA_DIR");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().unwrap()
+}
+
+fn ok(o: Output) -> String {
+    assert!(
+        o.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+/// Fails with exactly one line on stderr.
+fn fails(o: Output) -> String {
+    assert!(!o.status.success(), "expected a failure");
+    let err = String::from_utf8(o.stderr).unwrap();
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    assert!(err.starts_with("sheaf: "), "{err}");
+    err
+}
+
+#[test]
+fn new_ls_cat_edit_log_export_import() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let url = ok(sheaf(&dir, &["new", "--title", "Groceries"]))
+        .trim()
+        .to_string();
+    let parsed: AutomergeUrl = url.parse().unwrap();
+    let untitled = ok(sheaf(&dir, &["new"])).trim().to_string();
+    let ls = ok(sheaf(&dir, &["ls"]));
+    assert_eq!(ls.lines().count(), 2, "{ls}");
+    assert!(ls.lines().any(|l| l == format!("{url}\tGroceries")), "{ls}");
+    assert!(ls.lines().any(|l| l == untitled), "{ls}");
+
+    // edit: an editor script writes the text, then sed rewrites a word
+    let script = tmp.path().join("write.sh");
+    std::fs::write(&script, "#!/bin/sh\nprintf 'eggs 🥚\\nmilk\\n' > \"$1\"\n").unwrap();
+    let editor = format!("sh {}", script.display());
+    ok(sheaf_env(&dir, &["edit", &url], &[("EDITOR", &editor)]));
+    assert_eq!(
+        ok(sheaf(&dir, &["cat", &url, "--text", "text"])),
+        "eggs 🥚\nmilk\n"
+    );
+    let before: serde_json::Value = serde_json::from_str(&ok(sheaf(&dir, &["cat", &url]))).unwrap();
+    assert_eq!(
+        before,
+        serde_json::json!({"title": "Groceries", "text": "eggs 🥚\nmilk\n"})
+    );
+    ok(sheaf_env(
+        &dir,
+        &["edit", &url, "--key", "text"],
+        &[("EDITOR", "sed -i s/milk/oat-milk/")],
+    ));
+    assert_eq!(
+        ok(sheaf(&dir, &["cat", &url, "--text", "text"])),
+        "eggs 🥚\noat-milk\n"
+    );
+    // an editor that fails leaves the note alone
+    fails(sheaf_env(&dir, &["edit", &url], &[("EDITOR", "false")]));
+
+    // log: create's empty change, the title, two edits (the sed edit is small)
+    let log = ok(sheaf(&dir, &["log", &url]));
+    let lines: Vec<&str> = log.lines().collect();
+    assert_eq!(lines.len(), 4, "{log}");
+    assert!(
+        lines[3].contains("seq=1") && lines[3].contains("ops=4"),
+        "{log}"
+    );
+    let first_edit = lines[2].split(' ').next().unwrap();
+
+    // a URL with heads shows that version
+    let head = automerge::ChangeHash::try_from(
+        &(0..32)
+            .map(|i| u8::from_str_radix(&first_edit[2 * i..2 * i + 2], 16).unwrap())
+            .collect::<Vec<u8>>()[..],
+    )
+    .unwrap();
+    let at = AutomergeUrl {
+        id: parsed.id,
+        heads: Some(vec![head]),
+    };
+    assert_eq!(
+        ok(sheaf(&dir, &["cat", &at.to_string(), "--text", "text"])),
+        "eggs 🥚\nmilk\n"
+    );
+
+    // export / import, binary and JSON
+    let am = tmp.path().join("note.am");
+    ok(sheaf(&dir, &["export", &url, "-o", am.to_str().unwrap()]));
+    let copy = ok(sheaf(&dir, &["import", am.to_str().unwrap()]))
+        .trim()
+        .to_string();
+    assert_ne!(copy, url);
+    assert_eq!(
+        ok(sheaf(&dir, &["cat", &copy])),
+        ok(sheaf(&dir, &["cat", &url]))
+    );
+    let json = ok(sheaf(&dir, &["export", &url, "--json"]));
+    let jf = tmp.path().join("note.json");
+    std::fs::write(&jf, &json).unwrap();
+    let from_json = ok(sheaf(&dir, &["import", jf.to_str().unwrap()]))
+        .trim()
+        .to_string();
+    assert_eq!(
+        ok(sheaf(&dir, &["cat", &from_json, "--text", "text"])),
+        "eggs 🥚\noat-milk\n"
+    );
+    std::fs::write(&jf, r#"{"n": [1, 2.5, {"a": null}], "ok": true}"#).unwrap();
+    let u = ok(sheaf(&dir, &["import", jf.to_str().unwrap()]))
+        .trim()
+        .to_string();
+    let v: serde_json::Value = serde_json::from_str(&ok(sheaf(&dir, &["cat", &u]))).unwrap();
+    assert_eq!(
+        v,
+        serde_json::json!({"n": [1, 2.5, {"a": null}], "ok": true})
+    );
+    assert_eq!(ok(sheaf(&dir, &["ls"])).lines().count(), 5);
+}
+
+#[test]
+fn clear_errors_for_unknown_notes_and_bad_input() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let unknown = DocumentId::random().url().to_string();
+    let e = fails(sheaf(&dir, &["cat", &unknown]));
+    assert!(e.contains("no note") && e.contains(&unknown), "{e}");
+    fails(sheaf(&dir, &["log", &unknown]));
+    fails(sheaf(&dir, &["edit", &unknown]));
+    let e = fails(sheaf(&dir, &["cat", "not-a-url"]));
+    assert!(e.contains("not a note URL"), "{e}");
+    let bad = tmp.path().join("bad");
+    std::fs::write(&bad, b"\x00\x01 garbage").unwrap();
+    let e = fails(sheaf(&dir, &["import", bad.to_str().unwrap()]));
+    assert!(
+        e.contains("neither Automerge bytes nor a JSON object"),
+        "{e}"
+    );
+    let e = fails(sheaf(&dir, &["import", "/no/such/file"]));
+    assert!(e.contains("reading /no/such/file"), "{e}");
+    let url = ok(sheaf(&dir, &["new"])).trim().to_string();
+    let e = fails(sheaf(&dir, &["cat", &url, "--text", "body"]));
+    assert!(e.contains("no field \"body\""), "{e}");
+    let e = fails(sheaf(&dir, &["sync", "--relay", "http://x"]));
+    assert!(e.contains("ws://"), "{e}");
+    assert!(!sheaf(&dir, &["frobnicate"]).status.success());
+}
+
+async fn start_relay() -> (String, Repo, tokio::sync::oneshot::Sender<()>) {
+    let relay = Repo::temporary(RepoConfig::relay()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let hub = relay.hub();
+    tokio::spawn(async move {
+        let _ = sheafdb::relay::run(listener, hub, Default::default(), async {
+            let _ = stopped.await;
+        })
+        .await;
+    });
+    (url, relay, stop)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_pushes_every_note_to_a_relay() {
+    let (relay_url, relay, _stop) = start_relay().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let mut urls = Vec::new();
+    for t in ["one", "two", "three"] {
+        let d = dir.clone();
+        let u = tokio::task::spawn_blocking(move || ok(sheaf(&d, &["new", "--title", t])))
+            .await
+            .unwrap();
+        urls.push(u.trim().to_string());
+    }
+    let d = dir.clone();
+    let r = relay_url.clone();
+    let out =
+        tokio::task::spawn_blocking(move || sheaf(&d, &["sync", "--relay", &r, "--timeout", "30"]))
+            .await
+            .unwrap();
+    let stdout = ok(out.clone());
+    assert_eq!(stdout.trim(), "synced 3 notes");
+    let progress = String::from_utf8(out.stderr).unwrap();
+    assert!(progress.contains("synced 3/3"), "{progress}");
+    for u in &urls {
+        let h = tokio::time::timeout(
+            Duration::from_secs(10),
+            relay.find(u.parse::<AutomergeUrl>().unwrap()),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert!(h.to_json()["title"].is_string(), "{}", h.to_json());
+    }
+
+    // nothing listening: a clear timeout
+    let d = dir.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        sheaf(
+            &d,
+            &["sync", "--relay", "ws://127.0.0.1:9", "--timeout", "1"],
+        )
+    })
+    .await
+    .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    let last = err.trim_end().lines().last().unwrap();
+    assert!(
+        last.starts_with("sheaf: could not connect to ws://127.0.0.1:9"),
+        "{err}"
+    );
+}

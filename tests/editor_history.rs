@@ -1,0 +1,98 @@
+//! History: listing changes, reading past versions, diffs, forks.
+
+use automerge::transaction::Transactable;
+use automerge::{ChangeHash, ObjType, PatchAction, ReadDoc, ROOT};
+use serde_json::json;
+use sheafdb::repo::{HistoryError, TextIndex};
+use sheafdb::{Repo, RepoConfig};
+
+#[tokio::test]
+async fn changes_past_versions_diffs_and_forks() {
+    let repo = Repo::temporary(RepoConfig::default()).unwrap();
+    let h = repo.create().await.unwrap();
+    let t = h
+        .change(|tx| {
+            tx.put(ROOT, "title", "draft")?;
+            let t = tx.put_object(ROOT, "body", ObjType::Text)?;
+            tx.splice_text(&t, 0, 0, "hello")?;
+            Ok(t)
+        })
+        .unwrap();
+    let v1 = h.heads();
+    h.change(|tx| tx.put(ROOT, "title", "final")).unwrap();
+    h.splice_text(&t, 5, 0, " world", TextIndex::CodePoints)
+        .unwrap();
+    let v3 = h.heads();
+
+    // create's empty change + 3
+    let log = h.history();
+    assert_eq!(log.len(), 4);
+    let actor = log[1].actor.clone();
+    for (i, c) in log.iter().enumerate().skip(1) {
+        assert_eq!(c.actor, actor);
+        assert_eq!(c.deps, vec![log[i - 1].hash]);
+        assert!(c.ops >= 1, "{c:?}");
+    }
+    assert_eq!(log[1].seq + 2, log[3].seq);
+    assert_eq!(log[3].hash, v3[0]);
+    assert_eq!(log[1].ops, 7, "put, make text, one insert per character");
+    assert_eq!(h.change_info(&v1[0]).unwrap(), log[1]);
+    assert!(
+        log[1].time > 1_600_000_000 && log[1].time < 100_000_000_000,
+        "seconds"
+    );
+
+    assert_eq!(
+        h.json_at(&v1).unwrap(),
+        json!({"title": "draft", "body": "hello"})
+    );
+    assert_eq!(h.json_at(&v3).unwrap(), h.to_json());
+    assert_eq!(h.json_at(&[]).unwrap(), json!({}));
+
+    let patches = h.diff(&v1, &v3).unwrap();
+    assert!(patches
+        .iter()
+        .any(|p| matches!(&p.action, PatchAction::PutMap { key, .. } if key == "title")));
+    assert!(patches
+        .iter()
+        .any(|p| matches!(&p.action, PatchAction::SpliceText { index: 5, value, .. } if value.make_string() == " world")));
+    let back = h.diff(&v3, &v1).unwrap();
+    assert!(back.iter().any(|p| matches!(
+        &p.action,
+        PatchAction::DeleteSeq {
+            index: 5,
+            length: 6
+        }
+    )));
+
+    let bogus = ChangeHash([7; 32]);
+    assert!(matches!(h.json_at(&[bogus]), Err(HistoryError::UnknownHead(x)) if x == bogus));
+    assert!(matches!(
+        h.diff(&v1, &[bogus]),
+        Err(HistoryError::UnknownHead(_))
+    ));
+    assert!(matches!(
+        repo.fork(&h, &[bogus]).await,
+        Err(HistoryError::UnknownHead(_))
+    ));
+
+    // fork the first version into a new note and edit it independently
+    let f = repo.fork(&h, &v1).await.unwrap();
+    assert_ne!(f.id(), h.id());
+    assert_eq!(f.to_json(), json!({"title": "draft", "body": "hello"}));
+    assert_eq!(f.heads(), v1);
+    f.change(|tx| tx.put(ROOT, "title", "forked")).unwrap();
+    assert_eq!(h.to_json()["title"], "final");
+    let fl = f.history();
+    assert_eq!(fl.len(), 3);
+    assert_ne!(fl[2].actor, actor, "a fork writes with its own actor");
+    // it is a real note: findable, and stored
+    f.saved().await.unwrap();
+    let again = repo.find(f.id()).await.unwrap();
+    assert_eq!(again.to_json()["title"], "forked");
+    assert!(repo.list().unwrap().contains(&f.id()));
+    // the fork still shares history with the original
+    let shared = f.with_doc(|d| d.get_change_by_hash(&v1[0]).is_some());
+    assert!(shared);
+    let _ = h.with_doc(|d| d.length(&t));
+}

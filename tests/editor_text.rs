@@ -1,0 +1,255 @@
+//! Rich text helpers: UTF-16 offsets with emoji, cursors and marks through concurrent edits
+//! and merges, and `update_text` making small changes.
+
+use automerge::marks::ExpandMark;
+use automerge::transaction::Transactable;
+use automerge::{Automerge, ObjId, ObjType, ReadDoc, ScalarValue, ROOT};
+use sheafdb::repo::text::{self, TextError, TextIndex};
+use sheafdb::{DocHandle, Repo, RepoConfig};
+
+async fn note_with_text(s: &str) -> (Repo, DocHandle, ObjId) {
+    let repo = Repo::temporary(RepoConfig::default()).unwrap();
+    let h = repo.create().await.unwrap();
+    let t = h
+        .change(|tx| {
+            let t = tx.put_object(ROOT, "text", ObjType::Text)?;
+            tx.splice_text(&t, 0, 0, s)?;
+            Ok(t)
+        })
+        .unwrap();
+    (repo, h, t)
+}
+
+/// Two docs sharing `s`, edited independently then merged both ways.
+fn two_docs(s: &str) -> (Automerge, Automerge, ObjId) {
+    let mut a = Automerge::new();
+    let t = a
+        .transact::<_, _, automerge::AutomergeError>(|tx| {
+            let t = tx.put_object(ROOT, "text", ObjType::Text)?;
+            tx.splice_text(&t, 0, 0, s)?;
+            Ok(t)
+        })
+        .unwrap()
+        .result;
+    let b = a.fork();
+    (a, b, t)
+}
+
+fn edit(doc: &mut Automerge, f: impl FnOnce(&mut automerge::transaction::Transaction<'_>)) {
+    let mut tx = doc.transaction();
+    f(&mut tx);
+    tx.commit();
+}
+
+#[tokio::test]
+async fn utf16_offsets_with_emoji_splice_and_reject_split_pairs() {
+    let (_repo, h, t) = note_with_text("hi 😀 there").await;
+    // "hi " = 3 units, 😀 = 2 UTF-16 units, so " there" starts at 5 (UTF-16) / 4 (code points)
+    h.splice_text(&t, 5, 0, "!", TextIndex::Utf16).unwrap();
+    assert_eq!(h.text(&t).unwrap(), "hi 😀! there");
+    h.splice_text(&t, 4, 0, "?", TextIndex::CodePoints).unwrap();
+    assert_eq!(h.text(&t).unwrap(), "hi 😀?! there");
+    // delete the emoji by its UTF-16 length
+    h.splice_text(&t, 3, 2, "🎉", TextIndex::Utf16).unwrap();
+    assert_eq!(h.text(&t).unwrap(), "hi 🎉?! there");
+
+    let heads = h.heads();
+    for bad in [4, 3 + 1] {
+        match h.splice_text(&t, bad, 0, "x", TextIndex::Utf16) {
+            Err(TextError::SplitsSurrogatePair { offset }) => assert_eq!(offset, bad),
+            other => panic!("expected a surrogate-pair error, got {other:?}"),
+        }
+    }
+    // a deletion ending inside the pair is rejected too
+    assert!(matches!(
+        h.splice_text(&t, 0, 4, "", TextIndex::Utf16),
+        Err(TextError::SplitsSurrogatePair { offset: 4 })
+    ));
+    assert!(matches!(
+        h.splice_text(&t, 99, 0, "x", TextIndex::Utf16),
+        Err(TextError::OutOfRange { offset: 99, .. })
+    ));
+    assert!(matches!(
+        h.splice_text(&ROOT, 0, 0, "x", TextIndex::Utf16),
+        Err(TextError::NotText)
+    ));
+    assert_eq!(h.heads(), heads, "failed splices change nothing");
+
+    // marks and cursors speak UTF-16 too
+    h.mark(&t, 3..5, "bold", true, ExpandMark::None, TextIndex::Utf16)
+        .unwrap();
+    let m = h.marks(&t, TextIndex::Utf16).unwrap();
+    assert_eq!(m.len(), 1);
+    assert_eq!((m[0].name.as_str(), m[0].range.clone()), ("bold", 3..5));
+    assert_eq!(h.marks(&t, TextIndex::CodePoints).unwrap()[0].range, 3..4);
+    let c = h.cursor(&t, 5, TextIndex::Utf16).unwrap();
+    assert_eq!(h.cursor_position(&t, &c, TextIndex::CodePoints).unwrap(), 4);
+    h.splice_text(&t, 0, 0, "👋", TextIndex::CodePoints)
+        .unwrap();
+    assert_eq!(h.cursor_position(&t, &c, TextIndex::Utf16).unwrap(), 7);
+    assert_eq!(h.cursor_position(&t, &c, TextIndex::CodePoints).unwrap(), 5);
+}
+
+#[test]
+fn cursors_follow_their_character_through_concurrent_edits() {
+    let (mut a, mut b, t) = two_docs("the quick fox");
+    // cursors on "q" (4) and "f" (10), made on a, and one at the end
+    let cq = text::cursor(&a, &t, 4, TextIndex::Utf16).unwrap();
+    let cf = text::cursor(&a, &t, 10, TextIndex::Utf16).unwrap();
+    let end = text::cursor(&a, &t, 13, TextIndex::Utf16).unwrap();
+    edit(&mut a, |tx| {
+        text::splice(tx, &t, 0, 0, "🦊 ", TextIndex::Utf16).unwrap();
+    });
+    edit(&mut b, |tx| {
+        text::splice(tx, &t, 10, 0, "brown ", TextIndex::CodePoints).unwrap();
+        text::splice(tx, &t, 4, 0, "very ", TextIndex::CodePoints).unwrap();
+    });
+    a.merge(&mut b).unwrap();
+    b.merge(&mut a).unwrap();
+    for d in [&a, &b] {
+        let s = d.text(&t).unwrap();
+        assert_eq!(s, "🦊 the very quick brown fox");
+        for unit in [TextIndex::Utf16, TextIndex::CodePoints] {
+            let q = text::cursor_position(d, &t, &cq, unit).unwrap();
+            let f = text::cursor_position(d, &t, &cf, unit).unwrap();
+            let e = text::cursor_position(d, &t, &end, unit).unwrap();
+            let at = |i| {
+                let c = text::convert_offset(&s, i, unit, TextIndex::CodePoints).unwrap();
+                s.chars().nth(c)
+            };
+            assert_eq!(at(q), Some('q'));
+            assert_eq!(at(f), Some('f'));
+            assert_eq!(e, text::text_len(&s, unit));
+        }
+    }
+    // a deleted character's cursor moves to the next survivor
+    edit(&mut b, |tx| {
+        let i = "🦊 the very ".chars().count();
+        text::splice(tx, &t, i, 6, "", TextIndex::CodePoints).unwrap();
+    });
+    let s = b.text(&t).unwrap();
+    assert_eq!(s, "🦊 the very brown fox");
+    let q = text::cursor_position(&b, &t, &cq, TextIndex::CodePoints).unwrap();
+    assert_eq!(s.chars().nth(q), Some('b'));
+}
+
+#[test]
+fn marks_survive_a_merge_and_grow_with_expand() {
+    // (Concurrent inserts right at a mark's edge are ordered by actor id, so the edit on b
+    // stays clear of the edges to keep the test deterministic.)
+    let (mut a, mut b, t) = two_docs("hello big world");
+    edit(&mut a, |tx| {
+        text::mark(
+            tx,
+            &t,
+            0..5,
+            "bold",
+            true,
+            ExpandMark::None,
+            TextIndex::Utf16,
+        )
+        .unwrap();
+        text::mark(
+            tx,
+            &t,
+            10..15,
+            "link",
+            "https://example.org",
+            ExpandMark::None,
+            TextIndex::Utf16,
+        )
+        .unwrap();
+    });
+    edit(&mut b, |tx| {
+        text::splice(tx, &t, 6, 0, "😀 ", TextIndex::Utf16).unwrap();
+        text::mark(
+            tx,
+            &t,
+            6..8,
+            "comment",
+            "c1",
+            ExpandMark::None,
+            TextIndex::Utf16,
+        )
+        .unwrap();
+    });
+    a.merge(&mut b).unwrap();
+    b.merge(&mut a).unwrap();
+    for d in [&a, &b] {
+        assert_eq!(d.text(&t).unwrap(), "hello 😀 big world");
+        let mut m = text::marks(d, &t, TextIndex::Utf16).unwrap();
+        m.sort_by(|x, y| x.name.cmp(&y.name));
+        let got: Vec<_> = m
+            .iter()
+            .map(|m| (m.name.as_str(), m.range.clone()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![("bold", 0..5), ("comment", 6..8), ("link", 13..18)]
+        );
+        assert_eq!(m[0].value, ScalarValue::Boolean(true));
+        assert_eq!(m[2].value, ScalarValue::Str("https://example.org".into()));
+        let mut cp = text::marks(d, &t, TextIndex::CodePoints).unwrap();
+        cp.sort_by(|x, y| x.name.cmp(&y.name));
+        let got: Vec<_> = cp.iter().map(|m| m.range.clone()).collect();
+        assert_eq!(got, vec![0..5, 6..7, 12..17]);
+    }
+    // typing at the end of a mark that expands After extends it; unmark removes part
+    edit(&mut a, |tx| {
+        text::mark(
+            tx,
+            &t,
+            0..5,
+            "italic",
+            true,
+            ExpandMark::After,
+            TextIndex::Utf16,
+        )
+        .unwrap();
+        text::splice(tx, &t, 5, 0, "!", TextIndex::Utf16).unwrap();
+        text::unmark(tx, &t, 0..2, "bold", ExpandMark::None, TextIndex::Utf16).unwrap();
+    });
+    assert_eq!(a.text(&t).unwrap(), "hello! 😀 big world");
+    let m = text::marks(&a, &t, TextIndex::Utf16).unwrap();
+    let range = |name: &str| -> Vec<_> {
+        m.iter()
+            .filter(|m| m.name == name)
+            .map(|m| m.range.clone())
+            .collect()
+    };
+    assert_eq!(range("italic"), vec![0..6]);
+    assert_eq!(range("bold"), vec![2..5]);
+}
+
+#[tokio::test]
+async fn update_text_makes_a_small_change_and_merges_with_concurrent_edits() {
+    let long: String = (0..2000).map(|i| format!("line {i}\n")).collect();
+    let (_repo, h, t) = note_with_text(&long).await;
+    let before = h.heads();
+    let edited = long.replacen("line 1000", "line 1O00", 1);
+    h.update_text(&t, &edited).unwrap();
+    assert_eq!(h.text(&t).unwrap(), edited);
+    let changes = h.with_doc(|d| d.get_changes(&before));
+    assert_eq!(changes.len(), 1);
+    assert!(
+        changes[0].len() <= 4,
+        "a one-character edit took {} ops",
+        changes[0].len()
+    );
+    // same text again: no change at all
+    let heads = h.heads();
+    h.update_text(&t, &edited).unwrap();
+    assert_eq!(h.heads(), heads);
+    assert!(matches!(h.update_text(&ROOT, "x"), Err(TextError::NotText)));
+
+    // a whole-file rewrite (what an editor saving a file does) keeps concurrent edits
+    let (mut a, mut b, t) = two_docs("alpha\nbeta\ngamma\n");
+    edit(&mut a, |tx| {
+        tx.update_text(&t, "alpha\nBETA\ngamma\n").unwrap()
+    });
+    edit(&mut b, |tx| {
+        tx.update_text(&t, "alpha\nbeta\ngamma\ndelta\n").unwrap()
+    });
+    a.merge(&mut b).unwrap();
+    assert_eq!(a.text(&t).unwrap(), "alpha\nBETA\ngamma\ndelta\n");
+}
