@@ -20,6 +20,23 @@ use super::{Inner, RepoError, SaveState};
 /// Most commands taken into one batch (bounds the latency of a batch under a flood).
 const MAX_BATCH: usize = 8192;
 
+/// How long a batch of nothing but local edits waits for more (see `Driver::run`).
+const LOCAL_DEBOUNCE: Duration = Duration::from_millis(5);
+
+fn is_local_change(c: &Cmd) -> bool {
+    matches!(c, Cmd::Input(Input::LocalChange { .. }))
+}
+
+/// Take what is already waiting, up to `MAX_BATCH` commands.
+fn drain(rx: &Receiver<Cmd>, cmds: &mut Vec<Cmd>) {
+    while cmds.len() < MAX_BATCH {
+        match rx.try_recv() {
+            Ok(c) => cmds.push(c),
+            Err(_) => break,
+        }
+    }
+}
+
 type DocReply = oneshot::Sender<Result<SharedDoc, RepoError>>;
 type SavedReply = oneshot::Sender<Result<(), RepoError>>;
 
@@ -164,11 +181,25 @@ impl Driver {
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
-            while cmds.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(c) => cmds.push(c),
-                    Err(_) => break,
+            drain(&rx, &mut cmds);
+            if self.carry.is_empty() && !cmds.is_empty() && cmds.iter().all(is_local_change) {
+                // Only local edits: an editor typing in a burst. Give the burst a moment so
+                // that one step persists many edits (every one is still persisted; `saved()`
+                // or any other command ends the wait at once).
+                let until = Instant::now() + LOCAL_DEBOUNCE;
+                while let Some(left) = until.checked_duration_since(Instant::now()) {
+                    match rx.recv_timeout(left) {
+                        Ok(c) => {
+                            let local = is_local_change(&c);
+                            cmds.push(c);
+                            if !local {
+                                break;
+                            }
+                        }
+                        Err(_) => break,
+                    }
                 }
+                drain(&rx, &mut cmds);
             }
             let mut inputs = std::mem::take(&mut self.carry);
             let mut after = Vec::new();
@@ -176,6 +207,13 @@ impl Driver {
             for c in cmds {
                 match c {
                     Cmd::Input(i) => {
+                        if let Input::LocalChange { doc } = &i {
+                            if let Some(inner) = self.inner.upgrade() {
+                                if let Some(ch) = inner.channels.lock().get(doc) {
+                                    ch.local_pending.store(false, Ordering::Release);
+                                }
+                            }
+                        }
                         if let Input::Persisted { doc, seq, ok: true } = &i {
                             self.durable.insert(*doc, *seq);
                             self.maybe_compact(*doc);

@@ -100,9 +100,15 @@ impl DocHandle {
                 any
             });
             self.channels.heads.send_replace(heads);
-            self.repo
-                .inner
-                .send(Cmd::Input(Input::LocalChange { doc: self.id }))?;
+            if !self
+                .channels
+                .local_pending
+                .swap(true, std::sync::atomic::Ordering::AcqRel)
+            {
+                self.repo
+                    .inner
+                    .send(Cmd::Input(Input::LocalChange { doc: self.id }))?;
+            }
         }
         Ok(out)
     }

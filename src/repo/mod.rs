@@ -87,6 +87,10 @@ pub(crate) struct DocChannels {
     pub save: watch::Sender<SaveState>,
     pub sync: watch::Sender<HashMap<PeerId, crate::engine::PeerSyncStatus>>,
     pub ephemeral: tokio::sync::broadcast::Sender<(PeerId, Vec<u8>)>,
+    /// A `LocalChange` for this document is queued for the driver: later edits need not
+    /// send another (the driver persists up to the heads it finds), which spares a wake-up
+    /// of the driver per keystroke.
+    pub local_pending: std::sync::atomic::AtomicBool,
 }
 
 impl DocChannels {
@@ -96,6 +100,7 @@ impl DocChannels {
             save: watch::channel(SaveState::Saved).0,
             sync: watch::channel(HashMap::new()).0,
             ephemeral: tokio::sync::broadcast::channel(256).0,
+            local_pending: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
