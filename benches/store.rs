@@ -8,7 +8,6 @@
 //! 4. Bytes on disk for the trace note vs `save().len()`; RSS while touching many notes.
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 use std::path::Path;
