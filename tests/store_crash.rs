@@ -108,27 +108,39 @@ fn kill_9_loses_no_acknowledged_edit() {
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();
+        let (ack_tx, ack_rx) = std::sync::mpsc::channel::<(u8, u64)>();
         let reader = std::thread::spawn(move || {
-            BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-                .filter_map(|l| {
-                    let mut p = l.strip_prefix("ACK ")?.split(' ');
+            for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let mut p = match l.strip_prefix("ACK ") {
+                    Some(rest) => rest.split(' '),
+                    None => continue,
+                };
+                let parsed = (|| {
                     Some((
                         p.next()?.parse::<u8>().ok()?,
                         p.next()?.parse::<u64>().ok()?,
                     ))
-                })
-                .collect::<Vec<_>>()
+                })();
+                if let Some(a) = parsed {
+                    let _ = ack_tx.send(a);
+                }
+            }
         });
-        std::thread::sleep(Duration::from_millis(rng.gen_range(30..300)));
+        // Kill at a random moment once the child is writing (a loaded machine may take a
+        // while to start it), so every cycle tests something.
+        let mut acks = Vec::new();
+        if let Ok(first) = ack_rx.recv_timeout(Duration::from_secs(20)) {
+            acks.push(first);
+        }
+        std::thread::sleep(Duration::from_millis(rng.gen_range(0..270)));
         child.kill().unwrap(); // SIGKILL
         let status = child.wait().unwrap();
         assert!(
             !status.success(),
             "cycle {cycle}: child exited by itself: {status}"
         );
-        let acks = reader.join().unwrap();
+        reader.join().unwrap();
+        acks.extend(ack_rx.try_iter());
         total_acks += acks.len();
         for (i, n) in acks {
             acked[usize::from(i)].push(n);
