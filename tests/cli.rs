@@ -1,11 +1,13 @@
 //! The `sheaf` binary against a temporary data directory, and `sheaf sync` against an
 //! in-process relay.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use sheafdb::{AutomergeUrl, DocumentId, Repo, RepoConfig};
+use sheafdb::{AutomergeUrl, DocumentId};
 
 fn sheaf(dir: &Path, args: &[&str]) -> Output {
     sheaf_env(dir, args, &[])
@@ -166,24 +168,9 @@ fn clear_errors_for_unknown_notes_and_bad_input() {
     assert!(!sheaf(&dir, &["frobnicate"]).status.success());
 }
 
-async fn start_relay() -> (String, Repo, tokio::sync::oneshot::Sender<()>) {
-    let relay = Repo::temporary(RepoConfig::relay()).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("ws://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let hub = relay.hub();
-    tokio::spawn(async move {
-        let _ = sheafdb::relay::run(listener, hub, Default::default(), async {
-            let _ = stopped.await;
-        })
-        .await;
-    });
-    (url, relay, stop)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_pushes_every_note_to_a_relay() {
-    let (relay_url, relay, _stop) = start_relay().await;
+    let (relay_url, relay, _stop) = common::in_process_relay().await;
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("data");
     let mut urls = Vec::new();

@@ -128,26 +128,11 @@ async fn kill_9_after_acknowledgement_loses_no_acknowledged_change() {
 // ---------------------------------------------------------------------------------------
 // flapping clients
 
-async fn in_process_relay() -> (String, Repo, tokio::sync::oneshot::Sender<()>) {
-    let relay = Repo::temporary(RepoConfig::relay()).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("ws://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let hub = relay.hub();
-    tokio::spawn(async move {
-        let _ = sheafdb::relay::run(listener, hub, Default::default(), async {
-            let _ = stopped.await;
-        })
-        .await;
-    });
-    (url, relay, stop)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_that_drop_and_reconnect_while_editing_converge() {
     const CLIENTS: usize = 3;
     const EDITS: usize = 30;
-    let (url, _relay, _stop) = in_process_relay().await;
+    let (url, _relay, _stop) = common::in_process_relay().await;
     let repos: Vec<Repo> = (0..CLIENTS).map(|_| peer_repo()).collect();
     let first = repos[0].create().await.unwrap();
     append(&first, "start ");

@@ -1,6 +1,8 @@
 //! The runtime as apps use it: create, change, save, reopen, find, list, delete, subscribe,
 //! and two peers syncing through a relay over real WebSockets on loopback.
 
+mod common;
+
 use std::time::Duration;
 
 use automerge::transaction::Transactable;
@@ -117,24 +119,9 @@ async fn subscribers_get_patches_for_local_changes() {
     assert_eq!(ev.patches.len(), 1, "{:?}", ev.patches);
 }
 
-async fn start_relay() -> (String, Repo, tokio::sync::oneshot::Sender<()>) {
-    let relay = Repo::temporary(RepoConfig::relay()).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("ws://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let hub = relay.hub();
-    tokio::spawn(async move {
-        let _ = sheafdb::relay::run(listener, hub, Default::default(), async {
-            let _ = stopped.await;
-        })
-        .await;
-    });
-    (url, relay, stop)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_peers_sync_through_a_relay_and_see_each_others_changes() {
-    let (url, _relay, _stop) = start_relay().await;
+    let (url, _relay, _stop) = common::in_process_relay().await;
     let a = Repo::temporary(RepoConfig::default()).unwrap();
     let b = Repo::temporary(RepoConfig::default()).unwrap();
     a.connect(&url).unwrap();

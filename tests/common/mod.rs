@@ -625,3 +625,20 @@ impl JsProc {
         (status, all)
     }
 }
+
+/// A relay `Repo` (temporary store) served by `sheafdb::relay::run` on 127.0.0.1:0: its
+/// `ws://` URL, the repo, and a sender that stops the server when dropped or sent.
+pub async fn in_process_relay() -> (String, sheafdb::Repo, tokio::sync::oneshot::Sender<()>) {
+    let relay = sheafdb::Repo::temporary(sheafdb::RepoConfig::relay()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let hub = relay.hub();
+    tokio::spawn(async move {
+        let _ = sheafdb::relay::run(listener, hub, Default::default(), async {
+            let _ = stopped.await;
+        })
+        .await;
+    });
+    (url, relay, stop)
+}
