@@ -13,7 +13,8 @@
 //   {"cmd":"find","url":U,"timeoutMs":N}     -> {"url","doc"}   (rejects if unavailable)
 //   {"cmd":"put","url":U,"key":K,"value":V}  -> {"doc"}         (JSON value at the root)
 //   {"cmd":"splice","url":U,"key":K,"index":I,"del":D,"text":T} -> {"doc"}  (text at root.K)
-//   {"cmd":"doc","url":U}                    -> {"doc","heads"}
+//   {"cmd":"doc","url":U}                    -> {"doc","heads","hexHeads"} (heads: bs58 url
+//                                               heads; hexHeads: hex change hashes)
 //   {"cmd":"waitDoc","url":U,"doc":D,"timeoutMs":N} -> {"doc"} once the doc's JSON equals D
 //   {"cmd":"broadcast","url":U,"message":M}  -> {}   (ephemeral; cbor-x encodes M)
 //   {"cmd":"quit"}
@@ -84,7 +85,7 @@ const commands = {
   },
   async doc({ url: u }) {
     const h = await get(u)
-    return { doc: json(h.doc()), heads: h.heads() }
+    return { doc: json(h.doc()), heads: h.heads(), hexHeads: A.getHeads(h.doc()) }
   },
   async waitDoc({ url: u, doc: want, timeoutMs = 10000 }) {
     const h = await get(u)
