@@ -155,6 +155,7 @@ fn needs_compaction_follows_the_policy() {
     let dir = tempfile::tempdir().unwrap();
     let config = StoreConfig {
         compaction_min_bytes: 2_000,
+        compaction_factor: 1,
         compaction_max_chunks: 1_000,
         ..Default::default()
     };

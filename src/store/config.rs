@@ -12,9 +12,14 @@ pub struct StoreConfig {
     pub max_batch_bytes: usize,
     /// Consecutive appends to one document in a batch are stored as one chunk, up to this size.
     pub max_coalesced_chunk_bytes: usize,
-    /// Compaction policy: compact once incremental bytes exceed the snapshot's size, but never
-    /// below this many bytes.
+    /// Compaction policy: compact once incremental bytes exceed `compaction_factor` times the
+    /// snapshot's size, but never below this many bytes. A snapshot is compressed and change
+    /// chunks are not (typing makes ~50-100x more incremental bytes than snapshot bytes), and
+    /// each compaction re-encodes the whole note under its lock, so a factor of 1 would
+    /// compact a busy long note every few hundred keystrokes.
     pub compaction_min_bytes: u64,
+    /// Compaction policy: see `compaction_min_bytes`.
+    pub compaction_factor: u64,
     /// Compaction policy: ... or once there are more than this many incremental chunks.
     pub compaction_max_chunks: u64,
 }
@@ -26,8 +31,9 @@ impl Default for StoreConfig {
             max_batch_ops: 4096,
             max_batch_bytes: 16 * 1024 * 1024,
             max_coalesced_chunk_bytes: 1024 * 1024,
-            compaction_min_bytes: 64 * 1024,
-            compaction_max_chunks: 500,
+            compaction_min_bytes: 1024 * 1024,
+            compaction_factor: 8,
+            compaction_max_chunks: 2_000,
         }
     }
 }

@@ -217,8 +217,9 @@ impl Store {
         rx.recv().map_err(|_| StoreError::Closed)?
     }
 
-    /// The compaction policy: incremental bytes since the last snapshot exceed the snapshot's
-    /// size (and at least [`StoreConfig::compaction_min_bytes`]), or there are more than
+    /// The compaction policy: incremental bytes since the last snapshot exceed
+    /// [`StoreConfig::compaction_factor`] times the snapshot's size (and at least
+    /// [`StoreConfig::compaction_min_bytes`]), or there are more than
     /// [`StoreConfig::compaction_max_chunks`] incremental chunks. `false` for a document this
     /// process has neither loaded nor created.
     pub fn needs_compaction(&self, id: &DocumentId) -> bool {

@@ -25,7 +25,11 @@ pub(crate) struct DocSizes {
 impl DocSizes {
     pub fn needs_compaction(&self, config: &StoreConfig) -> bool {
         self.incremental_chunks > config.compaction_max_chunks
-            || self.incremental_bytes > self.snapshot_bytes.max(config.compaction_min_bytes)
+            || self.incremental_bytes
+                > self
+                    .snapshot_bytes
+                    .saturating_mul(config.compaction_factor)
+                    .max(config.compaction_min_bytes)
     }
 }
 
@@ -114,6 +118,7 @@ mod tests {
         StoreConfig {
             compaction_min_bytes: 1000,
             compaction_max_chunks: 10,
+            compaction_factor: 1,
             ..Default::default()
         }
     }
@@ -130,6 +135,12 @@ mod tests {
         assert!(s(0, 1001, 1).needs_compaction(&c));
         assert!(!s(5000, 5000, 1).needs_compaction(&c));
         assert!(s(5000, 5001, 1).needs_compaction(&c));
+        let c8 = StoreConfig {
+            compaction_factor: 8,
+            ..cfg()
+        };
+        assert!(!s(5000, 40_000, 1).needs_compaction(&c8), "factor applies");
+        assert!(s(5000, 40_001, 1).needs_compaction(&c8));
         assert!(!s(5000, 10, 10).needs_compaction(&c));
         assert!(s(5000, 10, 11).needs_compaction(&c), "too many chunks");
     }
