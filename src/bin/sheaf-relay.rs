@@ -260,68 +260,84 @@ async fn shutdown_signal() {
 }
 
 fn register_metrics(m: &Metrics, repo: &Repo) {
-    let st = repo.stats();
-    let s = st.clone();
-    m.register(
-        "sheaf_documents_loaded",
-        "Documents held in memory",
-        MetricType::Gauge,
-        move || s.loaded_docs.load(Ordering::Relaxed) as f64,
-    );
-    let s = st.clone();
-    m.register(
-        "sheaf_engine_batches_total",
-        "Engine batches handled",
-        MetricType::Counter,
-        move || s.batches.load(Ordering::Relaxed) as f64,
-    );
-    let s = st.clone();
-    m.register(
-        "sheaf_engine_inputs_total",
-        "Inputs handled by the engine",
-        MetricType::Counter,
-        move || s.inputs.load(Ordering::Relaxed) as f64,
-    );
-    let s = st.clone();
-    m.register(
-        "sheaf_docs_denied_total",
-        "Document requests refused because the peer's token does not cover them",
-        MetricType::Counter,
-        move || s.docs_denied.load(Ordering::Relaxed) as f64,
-    );
-    let s = st.clone();
-    m.register(
-        "sheaf_doc_limit_hits_total",
-        "Document requests refused because the connection is at its document limit",
-        MetricType::Counter,
-        move || s.doc_limit_hits.load(Ordering::Relaxed) as f64,
-    );
-    let s = st;
-    m.register(
-        "sheaf_engine_seconds_total",
-        "Time spent handling sync messages and other engine inputs",
-        MetricType::Counter,
-        move || s.engine_nanos.load(Ordering::Relaxed) as f64 / 1e9,
-    );
-    let store = repo.store().clone();
-    m.register(
-        "sheaf_storage_flushes_total",
-        "Group commits (flush + fdatasync)",
-        MetricType::Counter,
-        move || store.stats().fsyncs as f64,
-    );
-    let store = repo.store().clone();
-    m.register(
-        "sheaf_storage_bytes_written_total",
-        "Bytes written to storage",
-        MetricType::Counter,
-        move || store.stats().bytes_written as f64,
-    );
-    let store = repo.store().clone();
-    m.register(
-        "sheaf_storage_corrupt_chunks_total",
-        "Corrupt chunks found and quarantined",
-        MetricType::Counter,
-        move || store.stats().corrupt_chunks as f64,
-    );
+    use sheafdb::repo::RepoStats;
+    use sheafdb::store::StoreStats;
+    use std::sync::atomic::AtomicU64;
+
+    // One series per runtime counter (an atomic read when /metrics is scraped).
+    let stats = repo.stats();
+    let runtime: [(&str, &str, MetricType, fn(&RepoStats) -> &AtomicU64, f64); 6] = [
+        (
+            "sheaf_documents_loaded",
+            "Documents held in memory",
+            MetricType::Gauge,
+            |s| &s.loaded_docs,
+            1.0,
+        ),
+        (
+            "sheaf_engine_batches_total",
+            "Engine batches handled",
+            MetricType::Counter,
+            |s| &s.batches,
+            1.0,
+        ),
+        (
+            "sheaf_engine_inputs_total",
+            "Inputs handled by the engine",
+            MetricType::Counter,
+            |s| &s.inputs,
+            1.0,
+        ),
+        (
+            "sheaf_docs_denied_total",
+            "Document requests refused because the peer's token does not cover them",
+            MetricType::Counter,
+            |s| &s.docs_denied,
+            1.0,
+        ),
+        (
+            "sheaf_doc_limit_hits_total",
+            "Document requests refused because the connection is at its document limit",
+            MetricType::Counter,
+            |s| &s.doc_limit_hits,
+            1.0,
+        ),
+        (
+            "sheaf_engine_seconds_total",
+            "Time spent handling sync messages and other engine inputs",
+            MetricType::Counter,
+            |s| &s.engine_nanos,
+            1e-9,
+        ),
+    ];
+    for (name, help, ty, field, scale) in runtime {
+        let s = stats.clone();
+        m.register(name, help, ty, move || {
+            field(&s).load(Ordering::Relaxed) as f64 * scale
+        });
+    }
+
+    let storage: [(&str, &str, fn(&StoreStats) -> u64); 3] = [
+        (
+            "sheaf_storage_flushes_total",
+            "Group commits (flush + fdatasync)",
+            |s| s.fsyncs,
+        ),
+        (
+            "sheaf_storage_bytes_written_total",
+            "Bytes written to storage",
+            |s| s.bytes_written,
+        ),
+        (
+            "sheaf_storage_corrupt_chunks_total",
+            "Corrupt chunks found and quarantined",
+            |s| s.corrupt_chunks,
+        ),
+    ];
+    for (name, help, field) in storage {
+        let store = repo.store().clone();
+        m.register(name, help, MetricType::Counter, move || {
+            field(&store.stats()) as f64
+        });
+    }
 }
