@@ -266,7 +266,14 @@ fn register_metrics(m: &Metrics, repo: &Repo) {
 
     // One series per runtime counter (an atomic read when /metrics is scraped).
     let stats = repo.stats();
-    let runtime: [(&str, &str, MetricType, fn(&RepoStats) -> &AtomicU64, f64); 6] = [
+    type RuntimeSeries = (
+        &'static str,
+        &'static str,
+        MetricType,
+        fn(&RepoStats) -> &AtomicU64,
+        f64,
+    );
+    let runtime: [RuntimeSeries; 6] = [
         (
             "sheaf_documents_loaded",
             "Documents held in memory",
@@ -317,7 +324,8 @@ fn register_metrics(m: &Metrics, repo: &Repo) {
         });
     }
 
-    let storage: [(&str, &str, fn(&StoreStats) -> u64); 3] = [
+    type StorageSeries = (&'static str, &'static str, fn(&StoreStats) -> u64);
+    let storage: [StorageSeries; 3] = [
         (
             "sheaf_storage_flushes_total",
             "Group commits (flush + fdatasync)",
