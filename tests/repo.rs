@@ -222,3 +222,85 @@ async fn opening_a_store_with_100k_notes_loads_none_of_them() {
     );
     assert_eq!(repo.loaded_documents().await, 1);
 }
+
+/// Compaction snapshots a clone outside the note's lock and appends what changed meanwhile
+/// in the same atomic request: editors typing during compactions lose nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compactions_while_editing_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = RepoConfig {
+        store: sheafdb::store::StoreConfig {
+            compaction_min_bytes: 2_000,
+            compaction_factor: 1,
+            compaction_max_chunks: 20,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let repo = Repo::open_with(dir.path(), config.clone()).unwrap();
+    let h = repo.create().await.unwrap();
+    let text = h
+        .change(|tx| tx.put_object(ROOT, "text", ObjType::Text))
+        .unwrap();
+    // Ballast, so that each snapshot takes a while and edits land while it is made.
+    h.change(|tx| {
+        let list = tx.put_object(ROOT, "ballast", ObjType::List)?;
+        for i in 0..20_000 {
+            tx.insert(&list, i, i as i64)?;
+        }
+        Ok(())
+    })
+    .unwrap();
+    let writers: Vec<_> = (0..3)
+        .map(|w| {
+            let h = h.clone();
+            let text = text.clone();
+            std::thread::spawn(move || {
+                for i in 0..600 {
+                    h.change(|tx| {
+                        let len = tx.length(&text);
+                        tx.splice_text(&text, len, 0, &format!("{w}"))?;
+                        tx.put(ROOT, format!("w{w}"), i as i64)
+                    })
+                    .unwrap();
+                    if i % 50 == 0 {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut explicit = 0;
+    while writers.iter().any(|w| !w.is_finished()) {
+        h.compact().await.unwrap();
+        explicit += 1;
+    }
+    for w in writers {
+        w.join().unwrap();
+    }
+    h.saved().await.unwrap();
+    let heads = h.heads();
+    let json = h.to_json();
+    assert!(explicit > 1, "compacted while the writers ran");
+    drop(h);
+    repo.shutdown().unwrap();
+    drop(repo);
+
+    let store = sheafdb::store::Store::open(dir.path(), config.store.clone()).unwrap();
+    let id = store.list_documents().unwrap()[0];
+    let loaded = store.load(&id).unwrap().unwrap();
+    assert!(loaded.corrupt.is_empty());
+    assert_eq!(
+        loaded.doc.get_heads(),
+        heads,
+        "every acknowledged change is stored"
+    );
+    let text_len = {
+        let (_, t) = loaded.doc.get(ROOT, "text").unwrap().unwrap();
+        loaded.doc.text(&t).unwrap().chars().count()
+    };
+    assert_eq!(text_len, 1_800);
+    assert_eq!(json["w0"], 599);
+    // Far fewer chunks than the 1,800 changes: compaction folded them.
+    assert!(loaded.chunks < 200, "{} chunks", loaded.chunks);
+}

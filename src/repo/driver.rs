@@ -27,6 +27,15 @@ fn is_local_change(c: &Cmd) -> bool {
     matches!(c, Cmd::Input(Input::LocalChange { .. }))
 }
 
+/// What may wait out a debounce: more local edits, and the store's acknowledgements (the
+/// writer finishing a batch must not cut an editor's burst into one chunk per fsync).
+fn can_wait(c: &Cmd) -> bool {
+    matches!(
+        c,
+        Cmd::Input(Input::LocalChange { .. } | Input::Persisted { .. })
+    )
+}
+
 /// Take what is already waiting, up to `MAX_BATCH` commands.
 fn drain(rx: &Receiver<Cmd>, cmds: &mut Vec<Cmd>) {
     while cmds.len() < MAX_BATCH {
@@ -99,6 +108,7 @@ pub(super) fn spawn(
                 emitted: HashMap::new(),
                 durable: HashMap::new(),
                 save_waiters: HashMap::new(),
+                save_dirty: HashSet::new(),
                 compacting: Arc::new(parking_lot::Mutex::new(HashSet::new())),
                 carry: Vec::new(),
             };
@@ -155,6 +165,8 @@ struct Driver {
     emitted: HashMap<DocumentId, u64>,
     durable: HashMap<DocumentId, u64>,
     save_waiters: HashMap<DocumentId, Vec<(u64, SavedReply)>>,
+    /// Documents whose emitted or durable sequence moved since the last publish.
+    save_dirty: HashSet<DocumentId>,
     compacting: Arc<parking_lot::Mutex<HashSet<DocumentId>>>,
     /// Inputs produced while carrying out effects, for the next batch.
     carry: Vec<Input>,
@@ -184,15 +196,17 @@ impl Driver {
             drain(&rx, &mut cmds);
             if self.carry.is_empty() && !cmds.is_empty() && cmds.iter().all(is_local_change) {
                 // Only local edits: an editor typing in a burst. Give the burst a moment so
-                // that one step persists many edits (every one is still persisted; `saved()`
-                // or any other command ends the wait at once).
+                // that one step persists many edits (every one is still persisted; `saved()`,
+                // a frame or any other command that someone waits on ends the wait at once).
                 let until = Instant::now() + LOCAL_DEBOUNCE;
                 while let Some(left) = until.checked_duration_since(Instant::now()) {
                     match rx.recv_timeout(left) {
                         Ok(c) => {
-                            let local = is_local_change(&c);
+                            let wait_on = can_wait(&c)
+                                && !matches!(&c, Cmd::Input(Input::Persisted { doc, .. })
+                                    if self.save_waiters.contains_key(doc));
                             cmds.push(c);
-                            if !local {
+                            if !wait_on {
                                 break;
                             }
                         }
@@ -216,6 +230,7 @@ impl Driver {
                         }
                         if let Input::Persisted { doc, seq, ok: true } = &i {
                             self.durable.insert(*doc, *seq);
+                            self.save_dirty.insert(*doc);
                             self.maybe_compact(*doc);
                         }
                         inputs.push(i)
@@ -362,6 +377,7 @@ impl Driver {
                 ..
             } => {
                 self.emitted.insert(doc, seq);
+                self.save_dirty.insert(doc);
                 let op = if snapshot {
                     WriteOp::Compact {
                         doc,
@@ -485,9 +501,16 @@ impl Driver {
     /// Publish each document's save state, then resolve `saved()` waiters (in that order,
     /// so a task woken by `saved()` already sees `Saved`).
     fn publish_save_states(&mut self) {
+        if self.save_dirty.is_empty() {
+            return;
+        }
+        let dirty = std::mem::take(&mut self.save_dirty);
         if let Some(inner) = self.inner.upgrade() {
             let chans = inner.channels.lock();
-            for (id, seq) in &self.emitted {
+            for id in &dirty {
+                let Some(seq) = self.emitted.get(id) else {
+                    continue;
+                };
                 if let Some(ch) = chans.get(id) {
                     let durable = self.durable.get(id).copied().unwrap_or(0);
                     let state = if durable >= *seq {
@@ -506,20 +529,24 @@ impl Driver {
                 }
             }
         }
-        for (id, ws) in self.save_waiters.iter_mut() {
+        for id in &dirty {
+            let Some(ws) = self.save_waiters.get_mut(id) else {
+                continue;
+            };
             let durable = self.durable.get(id).copied().unwrap_or(0);
             let (done, wait): (Vec<_>, Vec<_>) = ws.drain(..).partition(|(t, _)| *t <= durable);
             *ws = wait;
             for (_, w) in done {
                 let _ = w.send(Ok(()));
             }
+            if ws.is_empty() {
+                self.save_waiters.remove(id);
+            }
         }
-        self.save_waiters.retain(|_, w| !w.is_empty());
     }
 
-    /// Fold a document's chunks into one snapshot when the store says it is time. The
-    /// snapshot is taken and queued under the document's lock, so every chunk queued before
-    /// it is covered by it (see `WriteOp::Compact`).
+    /// Fold a document's chunks into one snapshot when the store says it is time, on a
+    /// thread of its own (see [`super::compaction`]).
     fn maybe_compact(&mut self, doc: DocumentId) {
         if !self.store.needs_compaction(&doc) {
             return;
@@ -534,15 +561,12 @@ impl Driver {
         let compacting = self.compacting.clone();
         self.threads.retain(|t| !t.is_finished());
         self.threads.push(std::thread::spawn(move || {
-            let d = shared.lock();
-            let snapshot = d.save();
-            store.write(vec![WriteOp::Compact { doc, snapshot }], move |r| {
+            super::compaction::compact(&store, doc, &shared, move |r| {
                 if let Err(e) = r {
                     tracing::warn!(%doc, error = %e, "compaction failed");
                 }
                 compacting.lock().remove(&doc);
             });
-            drop(d);
         }));
     }
 }

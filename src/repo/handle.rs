@@ -9,7 +9,6 @@ use tokio::sync::{broadcast, oneshot, watch};
 
 use crate::engine::{Input, PeerSyncStatus, SharedDoc};
 use crate::id::{AutomergeUrl, DocumentId, PeerId};
-use crate::store::WriteOp;
 
 use super::driver::Cmd;
 use super::{DocChannels, Repo, RepoError};
@@ -138,23 +137,19 @@ impl DocHandle {
     }
 
     /// Fold the note's stored chunks into one snapshot now (the store also does this on its
-    /// own when incremental chunks outgrow the snapshot). The snapshot is taken and queued
-    /// under the note's lock, so it covers every chunk queued before it.
+    /// own when incremental chunks outgrow the snapshot). Editors are not held up while the
+    /// snapshot is made (see `repo::compaction`).
     pub async fn compact(&self) -> Result<(), RepoError> {
         let (reply, rx) = oneshot::channel();
-        {
-            let doc = self.doc.lock();
-            let snapshot = doc.save();
-            self.repo.inner.store.write(
-                vec![WriteOp::Compact {
-                    doc: self.id,
-                    snapshot,
-                }],
-                move |r| {
-                    let _ = reply.send(r);
-                },
-            );
-        }
+        let (store, id, doc) = (self.repo.inner.store.clone(), self.id, self.doc.clone());
+        // The snapshot of a long note takes a while: keep it off the async worker.
+        tokio::task::spawn_blocking(move || {
+            super::compaction::compact(&store, id, &doc, move |r| {
+                let _ = reply.send(r);
+            })
+        })
+        .await
+        .map_err(|_| RepoError::Closed)?;
         rx.await.map_err(|_| RepoError::Closed)??;
         Ok(())
     }
