@@ -23,6 +23,16 @@ fn quick() -> bool {
     std::env::var_os("SHEAF_BENCH_QUICK").is_some()
 }
 
+/// `cargo bench --bench store -- acks` runs only the scenarios whose name contains an
+/// argument (`replay` (1 and 3-4), `acks` (2), `rss` (4b)); no argument runs them all.
+fn wanted(name: &str) -> bool {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    args.is_empty() || args.iter().any(|a| name.contains(a.as_str()))
+}
+
 fn rss_mib() -> f64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     s.lines()
@@ -85,11 +95,23 @@ async fn main() {
     let n = if quick() { 40_000 } else { trace.txns.len() };
     println!("# store benchmarks (automerge-paper, {n} edits, one change per edit)\n");
 
+    if wanted("replay") {
+        replay_and_load(&trace, n).await;
+    }
+    if wanted("acks") {
+        durable_acks().await;
+    }
+    if wanted("rss") {
+        rss_many_notes().await;
+    }
+}
+
+async fn replay_and_load(trace: &SequentialTrace, n: usize) {
     // 1. Replay throughput.
     let dir = tempfile::tempdir().unwrap();
-    let (raw_t, raw_doc) = raw_replay(&trace, n);
+    let (raw_t, raw_doc) = raw_replay(trace, n);
     let repo = Repo::open(dir.path()).unwrap();
-    let (store_t, h) = store_replay(&repo, &trace, n).await;
+    let (store_t, h) = store_replay(&repo, trace, n).await;
     let stats = repo.store().stats();
     let ratio = raw_t.as_secs_f64() / store_t.as_secs_f64();
     println!("1. replay: raw AutoCommit {:.2} s ({:.0} edits/s), through the store {:.2} s ({:.0} edits/s)",
@@ -133,7 +155,9 @@ async fn main() {
     println!("4. bytes on disk for the note {} vs save().len() {}: {:.2}x (sled preallocates; see NOTES 3)",
         disk, save_bytes.len(), disk as f64 / save_bytes.len() as f64);
     let _ = raw_doc;
+}
 
+async fn durable_acks() {
     // 2. Durable acks.
     let dir2 = tempfile::tempdir().unwrap();
     let repo = Repo::open(dir2.path()).unwrap();
@@ -165,7 +189,9 @@ async fn main() {
         acked as f64 / el.as_secs_f64(), acked as f64 / fsyncs.max(1) as f64);
     repo.shutdown().unwrap();
     drop(repo);
+}
 
+async fn rss_many_notes() {
     // 4b. RSS while touching many small notes one by one.
     let notes = if quick() { 2_000 } else { 10_000 };
     let dir3 = tempfile::tempdir().unwrap();
