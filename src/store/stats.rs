@@ -21,6 +21,11 @@ pub struct StoreStats {
     pub bytes_written: u64,
     /// Chunks found corrupt and quarantined by `load`.
     pub corrupt_chunks: u64,
+    /// Time the writer spent in each phase of its batches, in nanoseconds: building the plan
+    /// and applying it in a sled transaction; sled's `flush()`; `fdatasync` plus blob fsyncs.
+    pub apply_nanos: u64,
+    pub flush_nanos: u64,
+    pub sync_nanos: u64,
 }
 
 #[derive(Debug, Default)]
@@ -33,11 +38,21 @@ pub(crate) struct Counters {
     pub chunks_written: AtomicU64,
     pub bytes_written: AtomicU64,
     pub corrupt_chunks: AtomicU64,
+    pub apply_nanos: AtomicU64,
+    pub flush_nanos: AtomicU64,
+    pub sync_nanos: AtomicU64,
 }
 
 impl Counters {
     pub fn add(c: &AtomicU64, n: u64) {
         c.fetch_add(n, Relaxed);
+    }
+
+    /// Add the time since `since` to `c`, and restart `since`.
+    pub fn lap(c: &AtomicU64, since: &mut std::time::Instant) {
+        let now = std::time::Instant::now();
+        c.fetch_add(now.duration_since(*since).as_nanos() as u64, Relaxed);
+        *since = now;
     }
 
     pub fn snapshot(&self) -> StoreStats {
@@ -50,6 +65,9 @@ impl Counters {
             chunks_written: self.chunks_written.load(Relaxed),
             bytes_written: self.bytes_written.load(Relaxed),
             corrupt_chunks: self.corrupt_chunks.load(Relaxed),
+            apply_nanos: self.apply_nanos.load(Relaxed),
+            flush_nanos: self.flush_nanos.load(Relaxed),
+            sync_nanos: self.sync_nanos.load(Relaxed),
         }
     }
 }

@@ -1,10 +1,11 @@
 //! The single writer thread: group commit.
 //!
 //! Every `write` becomes a request on a channel. The writer blocks for one request, then takes
-//! every other request already waiting (up to `max_batch_ops` / `max_batch_bytes`), applies all
-//! their ops as one sled transaction over the `data` and `docs` trees, calls `Db::flush()`,
-//! then [`Durability::sync`] (fdatasync of the log, fsync of new blob files), and only then runs
-//! the callbacks. Concurrent writers therefore share one flush and one fsync: the more of them
+//! every other request already waiting (up to `max_batch_ops` / `max_batch_bytes`; under
+//! concurrency it lingers briefly for more, see `StoreConfig::group_commit_linger`), applies
+//! all their ops atomically (one sled batch, or one transaction when the `docs` index changes
+//! too), calls `Db::flush()`, then [`Durability::sync`] (fdatasync of the log, fsync of new
+//! blob files), and only then runs the callbacks. Concurrent writers therefore share one flush and one fsync: the more of them
 //! there are, the bigger the batches.
 //!
 //! A failed flush or fsync poisons the writer: after a failed fsync the kernel may have dropped
@@ -68,26 +69,46 @@ impl Committed for Writer {
 
 impl Writer {
     pub fn run(mut self, rx: Receiver<Request>) {
+        let mut last_group = 0usize;
         while let Ok(first) = rx.recv() {
             let mut ops = first.ops.len();
             let mut bytes: usize = first.ops.iter().map(WriteOp::payload_len).sum();
             let mut group = vec![first];
-            while ops < self.config.max_batch_ops && bytes < self.config.max_batch_bytes {
+            let mut take = |r: Request, group: &mut Vec<Request>| {
+                ops += r.ops.len();
+                bytes += r.ops.iter().map(WriteOp::payload_len).sum::<usize>();
+                group.push(r);
+                ops < self.config.max_batch_ops && bytes < self.config.max_batch_bytes
+            };
+            let mut room = true;
+            while room {
                 match rx.try_recv() {
-                    Ok(r) => {
-                        ops += r.ops.len();
-                        bytes += r.ops.iter().map(WriteOp::payload_len).sum::<usize>();
-                        group.push(r);
-                    }
+                    Ok(r) => room = take(r, &mut group),
                     Err(_) => break,
                 }
             }
+            // See `StoreConfig::group_commit_linger`.
+            if last_group > 1 && room {
+                let expect = group.len() + last_group;
+                let until = std::time::Instant::now() + self.config.group_commit_linger;
+                while room && group.len() < expect {
+                    let Some(left) = until.checked_duration_since(std::time::Instant::now()) else {
+                        break;
+                    };
+                    match rx.recv_timeout(left) {
+                        Ok(r) => room = take(r, &mut group),
+                        Err(_) => break,
+                    }
+                }
+            }
+            last_group = group.len();
             self.commit_group(group);
         }
         tracing::debug!("store writer: channel closed, exiting");
     }
 
     fn commit_group(&mut self, group: Vec<Request>) {
+        let mut lap = std::time::Instant::now();
         let requests = group.len() as u64;
         let mut callbacks = Vec::with_capacity(group.len());
         let mut plan = Plan::default();
@@ -111,7 +132,7 @@ impl Writer {
         } else if let Some(e) = build_err {
             Err(StoreError::BatchFailed(Arc::new(e)))
         } else {
-            self.commit(&plan)
+            self.commit(&plan, &mut lap)
         };
 
         match &result {
@@ -143,7 +164,7 @@ impl Writer {
         }
     }
 
-    fn commit(&mut self, plan: &Plan) -> Result<(), StoreError> {
+    fn commit(&mut self, plan: &Plan, lap: &mut std::time::Instant) -> Result<(), StoreError> {
         if !plan.data.is_empty() || !plan.docs.is_empty() {
             let mut data = sled::Batch::default();
             for (k, v) in &plan.data {
@@ -160,28 +181,36 @@ impl Writer {
                     docs.remove(&k[..]);
                 }
             }
-            (&self.data, &self.docs)
-                .transaction(|(d, x)| {
-                    d.apply_batch(&data)?;
-                    x.apply_batch(&docs)?;
-                    Ok(())
-                })
-                .map_err(|e: TransactionError<()>| match e {
-                    TransactionError::Storage(e) => StoreError::Sled(e),
-                    TransactionError::Abort(()) => {
-                        StoreError::Sled(sled::Error::Unsupported("transaction aborted".into()))
-                    }
-                })?;
+            if plan.docs.is_empty() {
+                // The common case, appends to listed notes: one tree, to which sled applies a
+                // batch atomically. A transaction would cost a read per key written.
+                self.data.apply_batch(data)?;
+            } else {
+                (&self.data, &self.docs)
+                    .transaction(|(d, x)| {
+                        d.apply_batch(&data)?;
+                        x.apply_batch(&docs)?;
+                        Ok(())
+                    })
+                    .map_err(|e: TransactionError<()>| match e {
+                        TransactionError::Storage(e) => StoreError::Sled(e),
+                        TransactionError::Abort(()) => {
+                            StoreError::Sled(sled::Error::Unsupported("transaction aborted".into()))
+                        }
+                    })?;
+            }
         }
+        Counters::lap(&self.counters.apply_nanos, lap);
         // From here on a failure leaves the log in an unknown state: poison.
-        let synced =
-            self.db
-                .flush()
-                .map_err(StoreError::from)
-                .and_then(|_| match &mut self.durability {
-                    Some(d) => d.sync(&self.counters),
-                    None => Ok(()),
-                });
+        let synced = self.db.flush().map_err(StoreError::from).and_then(|_| {
+            Counters::lap(&self.counters.flush_nanos, lap);
+            let r = match &mut self.durability {
+                Some(d) => d.sync(&self.counters),
+                None => Ok(()),
+            };
+            Counters::lap(&self.counters.sync_nanos, lap);
+            r
+        });
         if let Err(e) = &synced {
             self.poisoned = Some(e.to_string());
         }
