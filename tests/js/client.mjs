@@ -17,6 +17,11 @@
 //                                               heads; hexHeads: hex change hashes)
 //   {"cmd":"waitDoc","url":U,"doc":D,"timeoutMs":N} -> {"doc"} once the doc's JSON equals D
 //   {"cmd":"broadcast","url":U,"message":M}  -> {}   (ephemeral; cbor-x encodes M)
+//   {"cmd":"mark","url":U,"key":K,"start":S,"end":E,"expand":X,"name":N,"value":V} -> {doc}
+//   {"cmd":"marks","url":U,"key":K}          -> {"marks":[{name,value,start,end}]}
+//   {"cmd":"cursor","url":U,"key":K,"index":I} -> {"cursor"}    (A.getCursor)
+//   {"cmd":"cursorPosition","url":U,"key":K,"cursor":C} -> {"index"}
+//   Text indices here are JS string indices: UTF-16 code units.
 //   {"cmd":"quit"}
 // Events: {"event":"ephemeral","url","senderId","message"} for every handle we hold;
 //         {"event":"peer","state":"connected"|"disconnected","peerId"}.
@@ -97,6 +102,25 @@ const commands = {
       if (Date.now() > deadline) throw new Error(`timed out; doc is ${JSON.stringify(now)}`)
       await sleep(20)
     }
+  },
+  async mark({ url: u, key, start, end, expand = "after", name, value }) {
+    const h = await get(u)
+    h.change(d => {
+      A.mark(d, [key], { start, end, expand }, name, value)
+    })
+    return { doc: json(h.doc()) }
+  },
+  async marks({ url: u, key }) {
+    const h = await get(u)
+    return { marks: A.marks(h.doc(), [key]) }
+  },
+  async cursor({ url: u, key, index }) {
+    const h = await get(u)
+    return { cursor: A.getCursor(h.doc(), [key], index) }
+  },
+  async cursorPosition({ url: u, key, cursor }) {
+    const h = await get(u)
+    return { index: A.getCursorPosition(h.doc(), [key], cursor) }
   },
   async broadcast({ url: u, message }) {
     const h = await get(u)
