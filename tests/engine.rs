@@ -521,3 +521,105 @@ fn k_messages_in_one_batch_make_one_persist() {
         assert_eq!(net.heads(*p, &doc), heads);
     }
 }
+
+/// A peer's heads-only message and its next message with changes can arrive in one batch
+/// (both wait while the relay's write is in flight, or while it loads). Applying the
+/// changes first must not make the heads-only message look as if the peer already knew
+/// the relay's new heads: the relay still acknowledges them, or the peer would show
+/// "syncing" forever. (Found by the relay bench: 1 note in ~150 created right after
+/// connecting never reported synced.)
+#[test]
+fn a_heads_only_message_batched_with_changes_is_still_acknowledged() {
+    use automerge::sync::{State, SyncDoc};
+    let (mut relay, c) = relay_with_conn();
+    relay.handle(
+        Millis(0),
+        Input::Received {
+            conn: c,
+            msg: join("client", &["1"]),
+        },
+    );
+    let doc = DocumentId::random();
+    let sync = |m: SyncMessage| Message::Sync {
+        sender_id: PeerId::new("client"),
+        target_id: PeerId::new("relay"),
+        document_id: doc,
+        data: m.encode(),
+    };
+    let relay_says = |effects: &[Effect]| -> Vec<SyncMessage> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Send {
+                    conn,
+                    msg: Message::Sync { data, .. } | Message::Request { data, .. },
+                } if *conn == c => Some(SyncMessage::decode(data).unwrap()),
+                _ => None,
+            })
+            .collect()
+    };
+
+    // The client announces its note; the relay, which has none, answers.
+    let mut client = note("hello");
+    let mut st = State::new();
+    let opening = client.generate_sync_message(&mut st).unwrap();
+    let mut effects = relay.handle(
+        Millis(1),
+        Input::Received {
+            conn: c,
+            msg: sync(opening),
+        },
+    );
+    effects.extend(relay.handle(Millis(2), Input::Loaded { doc, loaded: None }));
+    let answers = relay_says(&effects);
+    assert_eq!(answers.len(), 1, "the relay answered the opening");
+
+    // Before that answer arrives the client edits and announces its new heads (no
+    // changes: it does not know what the relay has); then the answer arrives and the
+    // client sends its changes. Both messages reach the relay in one batch.
+    {
+        let t = client.get(ROOT, "text").unwrap().unwrap().1;
+        let mut tx = client.transaction();
+        tx.splice_text(&t, 0, 0, "oh ").unwrap();
+        tx.commit();
+    }
+    let heads_only = client.generate_sync_message(&mut st).unwrap();
+    assert!(heads_only.changes.is_empty());
+    client
+        .receive_sync_message(&mut st, answers.into_iter().next().unwrap())
+        .unwrap();
+    let with_changes = client.generate_sync_message(&mut st).unwrap();
+    assert!(!with_changes.changes.is_empty());
+    let mut effects = relay.handle_batch(
+        Millis(3),
+        vec![
+            Input::Received {
+                conn: c,
+                msg: sync(heads_only),
+            },
+            Input::Received {
+                conn: c,
+                msg: sync(with_changes),
+            },
+        ],
+    );
+    let seqs: Vec<u64> = effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Persist { seq, .. } => Some(*seq),
+            _ => None,
+        })
+        .collect();
+    assert!(!seqs.is_empty(), "the changes are persisted");
+    for seq in seqs {
+        effects.extend(relay.handle(Millis(4), Input::Persisted { doc, seq, ok: true }));
+    }
+    assert_eq!(
+        relay.document(&doc).unwrap().lock().get_heads(),
+        client.get_heads()
+    );
+    let acked = relay_says(&effects)
+        .iter()
+        .any(|m| m.heads == client.get_heads());
+    assert!(acked, "the relay told the client it has its heads");
+}

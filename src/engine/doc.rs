@@ -317,7 +317,8 @@ impl DocEntry {
         }
         let mut doc = self.doc.lock();
         let mut bad: Vec<ConnId> = rejected;
-        let was_empty = doc.get_heads().is_empty();
+        let pre_heads = doc.get_heads();
+        let was_empty = pre_heads.is_empty();
         if !all.is_empty() && doc.load_incremental(&all).is_ok() {
             if was_empty && bad.is_empty() {
                 // A fresh copy arrived whole: store the bytes as they came instead of
@@ -341,6 +342,7 @@ impl DocEntry {
                 }
             }
         }
+        let moved = doc.get_heads() != pre_heads;
         for ((conn, msg), had_changes) in decoded.into_iter().zip(had_changes) {
             if bad.contains(&conn) {
                 continue;
@@ -353,7 +355,12 @@ impl DocEntry {
             // peer those heads (`last_sent_heads`): we would then never acknowledge the
             // changes, and the sender would hold everything new for `max_hold_ms`. Keep
             // `last_sent_heads` as automerge does for a message that carries changes.
-            let last_sent = had_changes.then(|| p.sync.last_sent_heads.clone());
+            // The same goes for a message without changes when this batch moved our heads:
+            // its heads may equal ours only because of changes another message of the batch
+            // brought (a peer's heads-only message followed by its changes, both waiting
+            // while a write was in flight), and automerge would then take it that the peer
+            // knows our new heads, which nobody told it.
+            let last_sent = (had_changes || moved).then(|| p.sync.last_sent_heads.clone());
             let result = doc.receive_sync_message(&mut p.sync, msg);
             if let Some(last_sent) = last_sent {
                 p.sync.last_sent_heads = last_sent;
