@@ -8,9 +8,10 @@
 //! Rules:
 //! - Our state is published at once when it changes: as an `update` of one key when exactly
 //!   one key changed, as a `snapshot` otherwise. Setting the same state again sends nothing.
-//! - Every `heartbeat` period without a publication we send our whole state again (a
-//!   `snapshot`): ephemeral messages are fire-and-forget, so a peer that missed one, or joined
-//!   after it, catches up within one period. Any publication restarts the period.
+//! - Every `heartbeat` period we send our whole state again (a `snapshot`): ephemeral
+//!   messages are fire-and-forget, so a peer that missed one, or joined after it, catches up
+//!   within one period. A snapshot sent for another reason restarts the period; an `update`
+//!   does not (a cursor moving all the time must not hold back the state that heals losses).
 //! - A peer is known once it sent us a state (`snapshot` or `update`); a `heartbeat` from an
 //!   unknown peer tells us nothing of its state and adds nothing.
 //! - Hearing from a peer we did not know (any presence message), or a new network link for
@@ -126,10 +127,7 @@ impl Tracker {
         };
         self.local = state;
         let msg = match single {
-            Some((channel, value)) => {
-                self.next_heartbeat = now.plus(self.timing.heartbeat_ms);
-                Wire::Update { channel, value }
-            }
+            Some((channel, value)) => Wire::Update { channel, value },
             None => self.snapshot(now),
         };
         Step {
@@ -323,18 +321,31 @@ mod tests {
     }
 
     #[test]
-    fn heartbeats_resend_the_state_each_period_and_publishing_restarts_it() {
+    fn heartbeats_resend_the_state_each_period_and_a_snapshot_restarts_it() {
         let mut t = start();
         assert_eq!(t.next_deadline(), Some(Millis(1_000)));
         assert!(t.tick(Millis(999)).send.is_empty());
         let s = t.tick(Millis(1_000));
         assert_eq!(s.send, vec![Wire::Snapshot(t.local().clone())]);
         assert_eq!(t.next_deadline(), Some(Millis(2_000)));
-        // A publication at 1,500 pushes the next heartbeat to 2,500.
-        t.set_local(Millis(1_500), state(&[("cursor", 4), ("color", 1)]));
+        // A snapshot at 1,500 (two keys changed) pushes the next heartbeat to 2,500.
+        t.set_local(Millis(1_500), state(&[("cursor", 4), ("color", 2)]));
         assert!(t.tick(Millis(2_000)).send.is_empty());
         assert_eq!(t.next_deadline(), Some(Millis(2_500)));
         assert_eq!(t.tick(Millis(2_500)).send.len(), 1);
+        // Updates (one key) do not: the heartbeat at 3,500 carries the whole new state.
+        for (i, now) in [2_600u64, 3_000, 3_400].into_iter().enumerate() {
+            let s = t.set_local(
+                Millis(now),
+                state(&[("cursor", 10 + i as i64), ("color", 2)]),
+            );
+            assert!(matches!(&s.send[..], [Wire::Update { .. }]));
+        }
+        assert_eq!(t.next_deadline(), Some(Millis(3_500)));
+        assert_eq!(
+            t.tick(Millis(3_500)).send,
+            vec![Wire::Snapshot(state(&[("cursor", 12), ("color", 2)]))]
+        );
     }
 
     #[test]
