@@ -95,6 +95,7 @@ impl Editor {
             heartbeat: Duration::from_millis(500),
             ttl: Duration::from_secs(2),
             announce_delay: Duration::from_millis(50),
+            ..PresenceConfig::default()
         };
         let presence = handle.presence_with(me, config)?;
         Ok(Editor {

@@ -44,6 +44,7 @@ const FAST: PresenceConfig = PresenceConfig {
     heartbeat: Duration::from_millis(300),
     ttl: Duration::from_millis(1_500),
     announce_delay: Duration::from_millis(50),
+    max_peers: 16,
 };
 
 /// Wait (bounded) until the peer set satisfies `pred`; returns that set.
@@ -130,8 +131,8 @@ async fn peers_see_each_other_updates_arrive_and_a_disconnected_peer_expires() {
 
     // c's network goes away without a goodbye (its presence lives on, unheard): a and b
     // forget it once the TTL has passed since they last heard from it, not before.
-    c_conn.disconnect().await;
     let gone_at = Instant::now();
+    c_conn.disconnect().await;
     for p in [&pa, &pb] {
         let mut rx = p.watch();
         until(&mut rx, "c expired", |s| !s.peers.contains_key(&idc)).await;
@@ -199,6 +200,7 @@ async fn a_late_joiner_learns_existing_states_without_waiting_for_a_heartbeat() 
         heartbeat: Duration::from_secs(30),
         ttl: Duration::from_secs(90),
         announce_delay: Duration::from_millis(50),
+        ..PresenceConfig::default()
     };
     let pa = notes[0].presence_with(me("ada", "red"), rare).unwrap();
     // a's first snapshot went out before b had a presence: b missed it.
@@ -338,6 +340,7 @@ async fn js_presence_and_sheaf_presence_see_each_other_through_sheaf_relay() {
         heartbeat: Duration::from_millis(300),
         ttl: Duration::from_secs(8),
         announce_delay: Duration::from_millis(50),
+        ..PresenceConfig::default()
     };
     let ours = h.presence_with(me("bob", "blue"), config).unwrap();
     let me_id = sheaf.peer_id().as_str().to_string();

@@ -36,7 +36,9 @@
 //! ```
 //!
 //! Each top-level key of the state is a "channel": an `update` replaces one channel, a
-//! `snapshot` the whole state. Peers are identified by the ephemeral message's `senderId`.
+//! `snapshot` the whole state. Peers are identified by the ephemeral message's `senderId`,
+//! as in JS (sessions are not told apart): one presence per repo and note, since a second
+//! [`Presence`] on the same note in the same repo speaks with the same peer id.
 //! See [`wire`] for the decoding rules: it is total and lenient; payloads without the
 //! `__presence` key are other apps' ephemeral messages and are left alone (every subscriber
 //! of [`DocHandle::ephemeral`] still gets every payload, presence or not), and malformed
@@ -88,16 +90,20 @@ pub struct PresenceConfig {
     /// How long to wait before answering a newcomer with our state (its own connection to
     /// the document may still be settling); newcomers within this window share one answer.
     pub announce_delay: Duration,
+    /// At most this many other peers are tracked per note; messages from further newcomers
+    /// are dropped until one goes (a bound on what invented sender ids can cost).
+    pub max_peers: usize,
 }
 
 impl Default for PresenceConfig {
     /// 5 s heartbeats, 20 s TTL (four heartbeats, and above the 15 s JS default heartbeat),
-    /// 500 ms announce delay (as JS).
+    /// 500 ms announce delay (as JS), 1,000 peers.
     fn default() -> Self {
         Self {
             heartbeat: Duration::from_secs(5),
             ttl: Duration::from_secs(20),
             announce_delay: Duration::from_millis(500),
+            max_peers: 1_000,
         }
     }
 }
@@ -109,6 +115,7 @@ impl PresenceConfig {
             heartbeat: every,
             ttl: every * 3,
             announce_delay: (every / 10).min(Duration::from_millis(500)),
+            ..Self::default()
         }
     }
 
@@ -118,6 +125,7 @@ impl PresenceConfig {
             heartbeat_ms: ms(self.heartbeat),
             ttl_ms: ms(self.ttl),
             announce_delay_ms: ms(self.announce_delay),
+            max_peers: self.max_peers,
         };
         if t.heartbeat_ms == 0 {
             return Err(PresenceError::Config("the heartbeat must be at least 1 ms"));

@@ -18,6 +18,9 @@
 //!   the document, schedules one `snapshot` after `announce_delay` so the newcomer learns our
 //!   state without waiting for a heartbeat; several newcomers in that window share it.
 //! - A peer silent for `ttl` expires; a `goodbye` removes it at once.
+//! - At most `max_peers` peers are tracked: sender ids are whatever the network says, and a
+//!   misbehaving client inventing new ones must not grow our memory without bound. Messages
+//!   from further newcomers are dropped (and not answered) until some peer goes.
 //! - [`Tracker::leave`] returns our `goodbye`; a tracker that left sends and tracks nothing.
 
 use std::collections::BTreeMap;
@@ -33,6 +36,7 @@ pub struct Timing {
     pub heartbeat_ms: u64,
     pub ttl_ms: u64,
     pub announce_delay_ms: u64,
+    pub max_peers: usize,
 }
 
 /// What we know of one remote peer.
@@ -142,7 +146,11 @@ impl Tracker {
         if self.left || *from == self.me {
             return step;
         }
-        if !self.peers.contains_key(from) {
+        let known = self.peers.contains_key(from);
+        if !known && self.peers.len() >= self.timing.max_peers {
+            return step;
+        }
+        if !known && msg != Wire::Goodbye {
             self.schedule_announce(now);
         }
         match msg {
@@ -295,6 +303,7 @@ mod tests {
         heartbeat_ms: 1_000,
         ttl_ms: 3_000,
         announce_delay_ms: 100,
+        max_peers: 3,
     };
 
     fn state(kv: &[(&str, i64)]) -> StateMap {
@@ -470,10 +479,12 @@ mod tests {
         let s = t.receive(Millis(10), &bob(), Wire::Goodbye);
         assert_eq!(s.gone, vec![(bob(), Gone::Left)]);
         assert!(t.peers().is_empty());
-        // A goodbye from a stranger changes nothing.
-        assert!(!t.receive(Millis(20), &bob(), Wire::Goodbye).set_changed());
+        // A goodbye from a stranger changes nothing, and is not answered.
+        t.tick(Millis(100)); // the answer owed to bob's arrival
+        assert!(!t.receive(Millis(120), &bob(), Wire::Goodbye).set_changed());
+        assert_eq!(t.next_deadline(), Some(Millis(1_100)));
 
-        t.receive(Millis(30), &bob(), Wire::Snapshot(state(&[("c", 1)])));
+        t.receive(Millis(130), &bob(), Wire::Snapshot(state(&[("c", 1)])));
         let s = t.leave();
         assert_eq!(s.send, vec![Wire::Goodbye]);
         assert_eq!(s.gone, vec![(bob(), Gone::Left)]);
@@ -511,5 +522,29 @@ mod tests {
         assert_eq!(t.next_deadline(), Some(Millis(150)));
         assert_eq!(t.tick(Millis(150)).send.len(), 1);
         assert_eq!(t.next_deadline(), Some(Millis(1_150)));
+    }
+
+    #[test]
+    fn newcomers_beyond_the_cap_are_dropped_until_a_peer_goes() {
+        let mut t = start();
+        let p = |i: u32| PeerId::new(format!("p{i}"));
+        for i in 0..3 {
+            t.receive(Millis(0), &p(i), Wire::Snapshot(state(&[("c", 1)])));
+        }
+        t.tick(Millis(100));
+        let s = t.receive(Millis(200), &p(3), Wire::Snapshot(state(&[("c", 1)])));
+        assert!(!s.set_changed());
+        assert_eq!(t.peers().len(), 3);
+        assert_eq!(
+            t.next_deadline(),
+            Some(Millis(1_100)),
+            "no answer to the dropped one"
+        );
+        // Known peers still update.
+        let s = t.receive(Millis(300), &p(0), Wire::Snapshot(state(&[("c", 2)])));
+        assert_eq!(s.changed, vec![p(0)]);
+        t.receive(Millis(400), &p(1), Wire::Goodbye);
+        let s = t.receive(Millis(500), &p(3), Wire::Snapshot(state(&[("c", 1)])));
+        assert_eq!(s.changed, vec![p(3)]);
     }
 }
