@@ -79,7 +79,7 @@ use super::DocHandle;
 use tracker::{Step, Timing, Tracker};
 use wire::{Decoded, StateMap};
 
-/// Timings of a [`Presence`].
+/// Timings and bounds of a [`Presence`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PresenceConfig {
     /// How often our state is re-sent when it does not change.
@@ -494,5 +494,65 @@ async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Clone, Serialize, serde::Deserialize)]
+    struct Me {
+        user: String,
+        cursor: Option<u32>,
+    }
+
+    #[test]
+    fn states_must_be_maps_with_text_keys() {
+        let map = encode_state(&Me {
+            user: "ada".into(),
+            cursor: None,
+        })
+        .unwrap();
+        assert_eq!(map["user"], ciborium::Value::Text("ada".into()));
+        assert_eq!(
+            map["cursor"],
+            ciborium::Value::Null,
+            "None is sent, as null"
+        );
+        let numbered: BTreeMap<u32, String> = [(1, "x".to_string())].into();
+        assert!(matches!(
+            encode_state(&numbered),
+            Err(PresenceError::NotAMap(_))
+        ));
+        assert!(matches!(encode_state(&3), Err(PresenceError::NotAMap(_))));
+        assert!(matches!(
+            encode_state(&vec![1]),
+            Err(PresenceError::NotAMap(_))
+        ));
+        assert!(matches!(
+            encode_state(&Option::<Me>::None),
+            Err(PresenceError::NotAMap(_))
+        ));
+    }
+
+    #[test]
+    fn configs_are_checked() {
+        let c = PresenceConfig::heartbeat(Duration::from_secs(2));
+        assert_eq!(c.ttl, Duration::from_secs(6));
+        assert_eq!(c.announce_delay, Duration::from_millis(200));
+        let t = c.timing().unwrap();
+        assert_eq!(
+            (t.heartbeat_ms, t.ttl_ms, t.max_peers),
+            (2_000, 6_000, 1_000)
+        );
+        assert!(PresenceConfig::default().timing().is_ok());
+        let zero = PresenceConfig::heartbeat(Duration::ZERO);
+        assert!(matches!(zero.timing(), Err(PresenceError::Config(_))));
+        let short = PresenceConfig {
+            ttl: Duration::from_secs(1),
+            ..c
+        };
+        assert!(matches!(short.timing(), Err(PresenceError::Config(_))));
     }
 }
