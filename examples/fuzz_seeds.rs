@@ -222,6 +222,73 @@ fn write_seed_corpora() {
             },
         ]),
     );
+    // presence: each message as sheaf sends it, the shapes a JS app sends by hand (extra
+    // keys, `undefined`, a float cursor), another app's message and a malformed one.
+    {
+        use ciborium::Value;
+        use sheafdb::repo::presence::wire::{self, Wire};
+        let t = |s: &str| Value::Text(s.into());
+        let cbor = |v: Value| {
+            let mut out = Vec::new();
+            ciborium::into_writer(&v, &mut out).unwrap();
+            out
+        };
+        let env = |inner: Vec<(Value, Value)>| {
+            cbor(Value::Map(vec![(t("__presence"), Value::Map(inner))]))
+        };
+        let state = [
+            ("user".to_string(), t("ada")),
+            ("color".to_string(), t("#e11d48")),
+            ("cursor".to_string(), Value::Integer(7.into())),
+        ]
+        .into();
+        let messages = [
+            ("snapshot", Wire::Snapshot(state)),
+            (
+                "update",
+                Wire::Update {
+                    channel: "cursor".into(),
+                    value: Value::Integer(8.into()),
+                },
+            ),
+            ("heartbeat", Wire::Heartbeat),
+            ("goodbye", Wire::Goodbye),
+        ];
+        for (name, msg) in messages {
+            write("presence", &format!("sheaf-{name}"), &wire::encode(&msg));
+        }
+        let by_hand = [
+            (
+                // cbor-x writes `undefined` (0xf7) for a missing value; the only 0xf6 (null)
+                // of this all-ASCII encoding becomes that.
+                "js-update-undefined",
+                env(vec![
+                    (t("type"), t("update")),
+                    (t("channel"), t("cursor")),
+                    (t("value"), Value::Null),
+                    (t("extra"), Value::Bool(true)),
+                ])
+                .into_iter()
+                .map(|b| if b == 0xf6 { 0xf7 } else { b })
+                .collect(),
+            ),
+            (
+                "js-snapshot-float",
+                env(vec![
+                    (t("type"), t("snapshot")),
+                    (
+                        t("state"),
+                        Value::Map(vec![(t("cursor"), Value::Float(2.5)), (t("user"), t("é"))]),
+                    ),
+                ]),
+            ),
+            ("malformed", env(vec![(t("type"), t("dance"))])),
+            ("chat", cbor(Value::Map(vec![(t("chat"), t("hi"))]))),
+        ];
+        for (name, bytes) in by_hand {
+            write("presence", name, &bytes);
+        }
+    }
     // converge: any bytes are a schedule; a few lengths from a fixed RNG.
     let mut rng = StdRng::seed_from_u64(42);
     for (i, len) in [48usize, 200, 600, 1200].iter().enumerate() {

@@ -15,6 +15,9 @@
 //! - [`store_load`]: arbitrary chunks written through [`Store`] and raw keys and values put
 //!   straight into its sled trees: loading never panics, and a load after the quarantine is
 //!   clean and gives the same document.
+//! - [`presence`]: the bytes as a peer's ephemeral payload: presence decoding is total, what
+//!   decodes as presence re-encodes to the same message, and a presence tracker fed it from
+//!   several senders keeps its bounds (cap, never itself, expiry).
 //!
 //! Byte layouts are simple (a flag byte, then lengths as two big-endian bytes) so that seed
 //! corpora can be written from real messages and chunks: see [`seeds`].
@@ -505,4 +508,52 @@ pub mod seeds {
         }
         v
     }
+}
+
+// ---- presence --------------------------------------------------------------------------------
+
+/// A typical app presence state, to decode snapshots into as an app would.
+#[derive(Debug, serde::Deserialize)]
+#[allow(dead_code)]
+struct FuzzPresence {
+    #[serde(default)]
+    user: String,
+    #[serde(default)]
+    cursor: Option<u32>,
+    #[serde(default)]
+    color: Option<String>,
+}
+
+/// Layout: the bytes are one ephemeral payload.
+pub fn presence(data: &[u8]) {
+    use crate::repo::presence::tracker::{Timing, Tracker};
+    use crate::repo::presence::wire::{self, Decoded, Wire};
+
+    let Decoded::Presence(msg) = wire::decode(data) else {
+        return;
+    };
+    let again = wire::decode(&wire::encode(&msg));
+    let want = Decoded::Presence(msg.clone());
+    // `Debug` equality too: a NaN float is never `==` itself.
+    if again != want && format!("{again:?}") != format!("{want:?}") {
+        panic!("presence round trip changed the message:\n  {want:?}\n  {again:?}");
+    }
+    if let Wire::Snapshot(state) = &msg {
+        let _ = wire::state_to_value(state).deserialized::<FuzzPresence>();
+    }
+    let timing = Timing {
+        heartbeat_ms: 10,
+        ttl_ms: 30,
+        announce_delay_ms: 1,
+        max_peers: 2,
+    };
+    let me = PeerId::new("me");
+    let (mut t, _) = Tracker::start(me.clone(), timing, Millis(0), Default::default());
+    for (i, from) in ["a", "b", "c", "me", "a"].into_iter().enumerate() {
+        t.receive(Millis(i as u64), &PeerId::new(from), msg.clone());
+        assert!(t.peers().len() <= 2, "the peer cap was exceeded");
+        assert!(!t.peers().contains_key(&me), "tracking ourselves");
+    }
+    t.tick(Millis(100));
+    assert!(t.peers().is_empty(), "silent peers outlived the TTL");
 }

@@ -16,8 +16,10 @@
 //! - [`relay`]: the WebSocket server: `run(listener, hub, config, shutdown)`, the per-socket
 //!   loop (limits, keepalive, close codes), `/health` and Prometheus `/metrics`.
 //! - [`repo`]: the runtime: [`Repo`] (store + engine thread + sockets) and [`DocHandle`];
-//!   editor helpers: rich text at code-point or UTF-16 offsets ([`repo::text`]) and history
-//!   ([`repo::history`]). The `sheaf` binary is the command line over it.
+//!   editor helpers: rich text at code-point or UTF-16 offsets ([`repo::text`]), history
+//!   ([`repo::history`]) and typed presence over ephemeral messages, JS-compatible
+//!   ([`repo::presence`]: the wire envelope, the sans-IO tracker, the tokio task). The `sheaf`
+//!   binary is the command line over it.
 //! - [`sim`]: the deterministic network simulator (tests, fuzzing).
 //! - `traces`: loaders for the editing traces in `shared/traces` and document builders
 //!   (tests and benchmarks; hidden from the docs).

@@ -51,6 +51,11 @@ impl DocHandle {
         self.id
     }
 
+    /// The repo this handle belongs to.
+    pub(crate) fn repo(&self) -> &Repo {
+        &self.repo
+    }
+
     pub fn url(&self) -> AutomergeUrl {
         self.id.url()
     }

@@ -16,11 +16,13 @@ mod driver;
 mod error;
 mod handle;
 pub mod history;
+pub mod presence;
 pub mod text;
 
 pub use error::RepoError;
 pub use handle::{ChangeEvent, Changes, DocHandle, SaveState};
 pub use history::{ChangeInfo, HistoryError};
+pub use presence::{PeerPresence, PeerSet, Presence, PresenceConfig, PresenceError};
 pub use text::{TextError, TextIndex, TextMark};
 
 use std::collections::HashMap;
