@@ -18,6 +18,10 @@
 //! - [`repo`]: the runtime: [`Repo`] (store + engine thread + sockets) and [`DocHandle`];
 //!   editor helpers: rich text at code-point or UTF-16 offsets ([`repo::text`]) and history
 //!   ([`repo::history`]). The `sheaf` binary is the command line over it.
+//! - [`schema`]: invariants per kind of note (a check and a deterministic repair); the
+//!   built-ins [`schema::UniqueList`] and [`schema::RequiredField`]. Local changes that break
+//!   one are rejected ([`DocHandle::change`]); merges that break one are repaired by the
+//!   engine (`src/schema/mod.rs`, `builtin.rs`, `tests.rs`).
 //! - [`sim`]: the deterministic network simulator (tests, fuzzing).
 //! - `traces`: loaders for the editing traces in `shared/traces` and document builders
 //!   (tests and benchmarks; hidden from the docs).
@@ -35,6 +39,7 @@ pub mod net;
 pub mod protocol;
 pub mod relay;
 pub mod repo;
+pub mod schema;
 pub mod sim;
 pub mod store;
 #[doc(hidden)]

@@ -18,6 +18,10 @@ pub enum RepoError {
     Import(automerge::AutomergeError),
     #[error("the change failed: {0}")]
     Change(automerge::AutomergeError),
+    /// The change would break an invariant of the note's kind; it was rolled back (nothing
+    /// changed, nothing persisted or sent).
+    #[error(transparent)]
+    Invariant(#[from] crate::schema::Rejected),
     #[error("the repo is shut down")]
     Closed,
     #[error("I/O error on {path}: {source}")]
