@@ -83,7 +83,7 @@ impl DocHandle {
             };
             if let Some(Err(rejected)) = guard.map(|g| g.verdict(schema, &tx)) {
                 tx.rollback();
-                return Err(RepoError::Invariant(rejected));
+                return Err(rejected.into());
             }
             // Stamp changes with the wall clock in seconds, as JS Automerge does, for history.
             let now = std::time::SystemTime::now()
