@@ -51,8 +51,8 @@ async fn start_relay() -> anyhow::Result<(String, Repo, tokio::sync::oneshot::Se
     Ok((url, relay, stop))
 }
 
-/// Append a sample record `{id, value, device}`.
-fn record(h: &DocHandle, device: &str, id: &str, value: f64) -> Result<(), RepoError> {
+/// Append a sample record `{id, value, device}`. (The error is boxed: `RepoError` is large.)
+fn record(h: &DocHandle, device: &str, id: &str, value: f64) -> Result<(), Box<RepoError>> {
     h.change(|tx| {
         let (_, records) = tx.get(ROOT, "records")?.expect("a survey has records");
         let end = tx.length(&records);
@@ -61,6 +61,7 @@ fn record(h: &DocHandle, device: &str, id: &str, value: f64) -> Result<(), RepoE
         tx.put(&r, "value", value)?;
         tx.put(&r, "device", device)
     })
+    .map_err(Box::new)
 }
 
 /// The records as `id=value (device)` lines.
@@ -142,7 +143,7 @@ async fn run() -> anyhow::Result<()> {
     record(&on_phone, "phone", "S-002", 15.3)?;
     record(&on_phone, "phone", "S-003", 13.8)?;
     // A duplicate on one device is refused at once, as is dropping the site.
-    match record(&survey, "tablet", "S-001", 99.0) {
+    match record(&survey, "tablet", "S-001", 99.0).map_err(|e| *e) {
         Err(e @ RepoError::Invariant(_)) => println!("tablet: refused: {e}"),
         other => anyhow::bail!("a local duplicate must be refused, got {other:?}"),
     }
