@@ -39,7 +39,14 @@
 //!
 //! An app-defined invariant must keep the same two properties. A repair that fails, panics
 //! or does not restore its invariant is rolled back and reported
-//! ([`RepairError`]); the note is left as merged.
+//! ([`RepairError`]); the note is left as merged, and the failure is reported again each
+//! time the note is checked (after each batch of remote changes, on each load) until an edit
+//! fixes it. A check or classifier that panics in the engine is caught the same way (in
+//! [`crate::DocHandle::change`] it unwinds into the caller, like a panic in the change).
+//!
+//! Local changes are *not* checked by the engine (only merges): a change through a handle
+//! was already checked, and a peer without the schema (an older app, a JS client) may write
+//! anything; its changes are repaired when they reach a peer with the schema.
 
 mod builtin;
 

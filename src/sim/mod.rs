@@ -8,6 +8,8 @@
 //! and unacknowledged writes lost, acknowledged chunks kept) and restarting. Then
 //! [`Sim::heal_and_settle`] reconnects everything and runs to quiescence so a test can assert
 //! that every replica converged. Same seed, same run: a failing seed replays exactly.
+//! [`Sim::with_schema`] gives the peers a [`Schema`] (invariants repaired after merges);
+//! [`Sim::check_invariants`] then checks every replica keeps them.
 //!
 //! Frames cross the simulated wire through the real codec ([`protocol::encode`] then
 //! [`protocol::decode`]), so the codec is exercised by every run.
