@@ -71,3 +71,8 @@ fn store_load_regressions_and_seeds() {
 fn converge_regressions_and_seeds() {
     replay("converge", fuzzing::converge, 3);
 }
+
+#[test]
+fn converge_invariants_regressions_and_seeds() {
+    replay("converge_invariants", fuzzing::converge_invariants, 3);
+}
