@@ -28,11 +28,13 @@
 //!
 //! - [`UniqueList`] keeps the first occurrence of each value in list order and deletes the
 //!   later ones. List order of existing elements is the same on every replica, so peers
-//!   that repair the same state delete the same elements, and deleting an element twice
-//!   concurrently is the same as deleting it once. Peers that repair *different* states (one
-//!   has seen a third duplicate, the other not yet) never delete the first occurrence of
-//!   everything they both see, and whatever duplicates survive their merge are repaired in
-//!   the next round: each round only deletes, so it ends.
+//!   that repair the same state delete exactly the same elements, and deleting an element
+//!   twice concurrently is the same as deleting it once: their repairs merge to the state
+//!   each of them made. Peers that repair *different* states (one has seen a third
+//!   duplicate, the other not yet) each keep the first occurrence they see; duplicates that
+//!   survive the merge of their repairs are found and repaired by the next peer that merges
+//!   them. Repairs only delete, so this ends. (If a user concurrently deletes the
+//!   occurrence a repair kept, the value can end up gone: the user removed it.)
 //! - [`RequiredField`] recreates a missing field with its default. Two peers recreating it
 //!   at once conflict on the key; Automerge picks the same winner everywhere, and either
 //!   value is valid.
