@@ -371,6 +371,34 @@ async fn a_note_written_before_the_schema_is_repaired_when_loaded() {
         .with_doc(|d| d.get_change_by_hash(&ev.outcome.clone().unwrap()))
         .unwrap();
     assert_eq!(change.message(), Some("repair: unique tags"));
+
+    // An imported note is checked as it arrives too.
+    let mut raw = automerge::Automerge::new();
+    let mut tx = raw.transaction();
+    tx.put(ROOT, "kind", "task").unwrap();
+    let l = tx.put_object(ROOT, "tags", ObjType::List).unwrap();
+    tx.insert(&l, 0, "b").unwrap();
+    tx.insert(&l, 1, "b").unwrap();
+    tx.commit();
+    let imported = repo.import(&raw.save()).await.unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(5), repairs.next())
+        .await
+        .expect("a repair event")
+        .unwrap();
+    assert_eq!(ev.doc, imported.id());
+    // Both broken invariants were repaired, each with its own change.
+    let second = tokio::time::timeout(Duration::from_secs(5), repairs.next())
+        .await
+        .expect("the title repair")
+        .unwrap();
+    assert_eq!(
+        (ev.invariant.as_str(), second.invariant.as_str()),
+        ("unique tags", "required title")
+    );
+    assert_eq!(
+        imported.to_json(),
+        serde_json::json!({"kind": "task", "tags": ["b"], "title": ""})
+    );
 }
 
 /// An app-defined invariant whose repair cannot be automatic: a person must fix it.
