@@ -73,7 +73,9 @@ pub trait Invariant: Send + Sync + 'static {
     /// A name, unique among the invariants of a kind; shown in errors and events.
     fn name(&self) -> &str;
 
-    /// `Err` describes how the note breaks the rule. Must not change anything.
+    /// `Err` describes how the note breaks the rule. Runs twice per local change of a note
+    /// of its kind (before and after, see [`Schema::guard`]) and once per batch of merged
+    /// changes: keep it proportional to what it looks at, not to the whole note.
     fn check(&self, doc: &Transaction<'_>) -> Result<(), Violation>;
 
     /// Make the note satisfy the rule again, as a function of the note's state only.
@@ -262,7 +264,7 @@ impl Schema {
         (!invs.is_empty()).then_some((kind, invs))
     }
 
-    /// Every invariant the note breaks: (kind, invariant name, violation).
+    /// Every invariant the note breaks, with the note's kind.
     pub fn violations(&self, doc: &Transaction<'_>) -> Vec<Rejected> {
         let Some((kind, invs)) = self.applicable(doc) else {
             return Vec::new();
