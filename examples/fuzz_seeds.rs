@@ -297,5 +297,7 @@ fn write_seed_corpora() {
         b[0] = i as u8; // 2..5 peers
         b[1] = i as u8; // star, mesh; one or two docs
         write("converge", &format!("random-{i}"), &b);
+        // Same layout: the same schedules, with invariants enforced.
+        write("converge_invariants", &format!("random-{i}"), &b);
     }
 }

@@ -7,6 +7,9 @@
 //!
 //! - [`converge`]: a schedule of [`sim::Action`]s on 2-5 peers, then heal and settle; every
 //!   replica must have identical heads and content.
+//! - [`converge_invariants`]: the same, with every peer enforcing [`fuzz_schema`] (the random
+//!   edits break it all the time); every replica must also keep the invariants, and every
+//!   repair must have succeeded.
 //! - [`wire_decode`]: [`protocol::decode`] never panics, and what decodes re-encodes to bytes
 //!   that decode to the same message.
 //! - [`sync_message`]: bytes as an incoming `sync`/`request` for a document the engine holds,
@@ -32,6 +35,7 @@ use crate::engine::{Effect, Engine, EngineConfig, Event, Input, Millis};
 use crate::id::{DocumentId, PeerId, StorageId};
 use crate::net::{ConnId, Direction};
 use crate::protocol::{self, Message, PeerMetadata, PROTOCOL_VERSION};
+use crate::schema::{FieldDefault, RequiredField, Schema, UniqueList};
 use crate::sim::{self, Action, Sim, SimConfig, Topology};
 use crate::store::{ChunkKind, Store, WriteOp};
 
@@ -56,6 +60,33 @@ fn byte(u: &mut Unstructured<'_>) -> u8 {
 
 /// Layout: `[peers][topology|docs][max delay][seed: 8]` then [`Action`]s (derived `Arbitrary`).
 pub fn converge(data: &[u8]) {
+    converge_with(data, None);
+}
+
+/// [`converge`] with every peer enforcing [`fuzz_schema`]: replicas must also keep its
+/// invariants, and every repair must succeed. Same input layout (the same seeds serve).
+pub fn converge_invariants(data: &[u8]) {
+    converge_with(data, Some(fuzz_schema()));
+}
+
+/// What [`converge_invariants`] enforces on the simulator's documents (a list, a text, root
+/// keys `k0..k3` that random edits put and delete): the list holds no value twice; the text
+/// and `k0` exist.
+pub fn fuzz_schema() -> Schema {
+    Schema::new()
+        .classify_with(|_| Some("sim".to_string()))
+        .invariant("sim", UniqueList::new("list"))
+        .invariant(
+            "sim",
+            RequiredField::new("text", FieldDefault::Text(String::new())),
+        )
+        .invariant(
+            "sim",
+            RequiredField::new("k0", FieldDefault::Scalar(automerge::ScalarValue::Int(0))),
+        )
+}
+
+fn converge_with(data: &[u8], schema: Option<Schema>) {
     let mut u = Unstructured::new(data);
     let peers = 2 + usize::from(byte(&mut u) % 4);
     let b = byte(&mut u);
@@ -75,7 +106,8 @@ pub fn converge(data: &[u8]) {
         steps: 0,
         faults: true,
     };
-    let mut sim = Sim::new(seed, config.clone());
+    let checked = schema.is_some();
+    let mut sim = Sim::with_schema(seed, config.clone(), schema.unwrap_or_default());
     let mut actions = Vec::new();
     while !u.is_empty() && actions.len() < MAX_ACTIONS {
         let Ok(a) = Action::arbitrary(&mut u) else {
@@ -84,7 +116,24 @@ pub fn converge(data: &[u8]) {
         sim.apply(&a);
         actions.push(a);
     }
-    let result = sim.heal_and_settle().and_then(|_| sim.check_converged());
+    let result = sim
+        .heal_and_settle()
+        .and_then(|_| sim.check_converged())
+        .and_then(|_| {
+            if checked {
+                sim.check_invariants()
+            } else {
+                Ok(())
+            }
+        })
+        .and_then(|_| {
+            let failed = sim
+                .nodes
+                .iter()
+                .flat_map(|n| &n.repairs)
+                .find(|r| !r.repaired());
+            failed.map_or(Ok(()), |r| Err(format!("a repair failed: {r:?}")))
+        });
     if let Err(e) = result {
         let keep = if sim.verbose { usize::MAX } else { 80 };
         let tail: Vec<&String> = sim.trace.iter().rev().take(keep).collect();

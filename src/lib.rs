@@ -20,6 +20,10 @@
 //!   ([`repo::history`]) and typed presence over ephemeral messages, JS-compatible
 //!   ([`repo::presence`]: the wire envelope, the sans-IO tracker, the tokio task). The `sheaf`
 //!   binary is the command line over it.
+//! - [`schema`]: invariants per kind of note (a check and a deterministic repair); the
+//!   built-ins [`schema::UniqueList`] and [`schema::RequiredField`]. Local changes that break
+//!   one are rejected ([`DocHandle::change`]); merges that break one are repaired by the
+//!   engine (`src/schema/mod.rs`, `builtin.rs`, `tests.rs`).
 //! - [`sim`]: the deterministic network simulator (tests, fuzzing).
 //! - `traces`: loaders for the editing traces in `shared/traces` and document builders
 //!   (tests and benchmarks; hidden from the docs).
@@ -37,6 +41,7 @@ pub mod net;
 pub mod protocol;
 pub mod relay;
 pub mod repo;
+pub mod schema;
 pub mod sim;
 pub mod store;
 #[doc(hidden)]

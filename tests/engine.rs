@@ -623,3 +623,145 @@ fn a_heads_only_message_batched_with_changes_is_still_acknowledged() {
         .any(|m| m.heads == client.get_heads());
     assert!(acked, "the relay told the client it has its heads");
 }
+
+// ---- invariants ---------------------------------------------------------------------------
+
+fn tags_of(net: &Net, node: usize, doc: &DocumentId) -> Vec<String> {
+    let shared = net.nodes[node].engine.document(doc).expect("ready");
+    let d = shared.lock();
+    let l = d.get(ROOT, "tags").unwrap().unwrap().1;
+    (0..d.length(&l))
+        .map(|i| d.get(&l, i).unwrap().unwrap().0.to_string())
+        .collect()
+}
+
+#[test]
+fn a_merge_that_breaks_an_invariant_is_repaired_in_the_same_step_and_persisted_with_it() {
+    use sheafdb::schema::{Schema, UniqueList};
+    let schema = Schema::new().invariant("task", UniqueList::new("tags"));
+    let config = |name: &str| {
+        let mut c = peer_config(name);
+        c.schema = schema.clone();
+        c.clock_offset_ms = 1_700_000_000_000;
+        c
+    };
+    let mut net = Net::new();
+    let a = net.add(config("a"));
+    let b = net.add(config("b"));
+    net.connect(a, b);
+    let doc = DocumentId::random();
+    let mut task = Automerge::new();
+    let mut tx = task.transaction();
+    tx.put(ROOT, "kind", "task").unwrap();
+    tx.put_object(ROOT, "tags", ObjType::List).unwrap();
+    tx.commit();
+    net.push(
+        a,
+        Input::Create {
+            doc,
+            automerge: task,
+        },
+    );
+    net.settle();
+    net.push(b, Input::Find { doc });
+    net.settle();
+    net.advance(4_321);
+    net.settle();
+    assert_eq!(net.heads(a, &doc), net.heads(b, &doc));
+
+    // Both tag it "y" at once (each change valid on its own).
+    for n in [a, b] {
+        let shared = net.nodes[n].engine.document(&doc).unwrap();
+        let mut d = shared.lock();
+        let l = d.get(ROOT, "tags").unwrap().unwrap().1;
+        let mut tx = d.transaction();
+        tx.insert(&l, 0, "y").unwrap();
+        tx.commit();
+        drop(d);
+        net.push(n, Input::LocalChange { doc });
+        while net.run_node(n) {}
+    }
+    net.deliver_all();
+
+    // a applies b's change: the merged note holds "y" twice; the same step repairs it and
+    // writes the remote change and the repair as one chunk.
+    let before = net.nodes[a].persist_count;
+    let events_before = net.nodes[a].events.len();
+    net.run_node(a);
+    assert_eq!(net.nodes[a].persist_count - before, 1, "one chunk");
+    let repairs: Vec<_> = net.nodes[a].events[events_before..]
+        .iter()
+        .filter_map(|e| match e {
+            Event::Repair(r) => Some(r.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(repairs.len(), 1, "{repairs:?}");
+    let r = &repairs[0];
+    assert_eq!(
+        (r.doc, r.kind.as_str(), r.invariant.as_str()),
+        (doc, "task", "unique tags")
+    );
+    let hash = r.outcome.clone().unwrap();
+    assert_eq!(
+        net.heads(a, &doc).unwrap(),
+        vec![hash],
+        "the repair is the new head"
+    );
+    assert_eq!(tags_of(&net, a, &doc), vec!["\"y\""]);
+    {
+        let shared = net.nodes[a].engine.document(&doc).unwrap();
+        let d = shared.lock();
+        let change = d.get_change_by_hash(&hash).unwrap();
+        // Stamped from the engine's `now` (no clock read), in seconds like handle changes.
+        assert_eq!(change.timestamp(), (1_700_000_000_000 + 4_321) / 1000);
+        assert_eq!(change.message(), Some("repair: unique tags"));
+    }
+    // What a persisted is what a holds: reloading its chunks gives the repaired note.
+    let mut reloaded = Automerge::new();
+    for c in &net.nodes[a].chunks[&doc] {
+        reloaded.load_incremental(c).unwrap();
+    }
+    assert_eq!(reloaded.get_heads(), vec![hash]);
+
+    // b repairs its own merge concurrently; the two repairs merge without another round.
+    net.settle();
+    assert_eq!(net.heads(a, &doc), net.heads(b, &doc));
+    assert_eq!(tags_of(&net, b, &doc), vec!["\"y\""]);
+    for n in [a, b] {
+        let count = net.nodes[n]
+            .events
+            .iter()
+            .filter(|e| matches!(e, Event::Repair(_)))
+            .count();
+        assert_eq!(count, 1, "node {n}");
+    }
+}
+
+#[test]
+fn without_a_schema_the_engine_never_repairs() {
+    let mut net = Net::new();
+    let a = net.add(peer_config("a"));
+    let b = net.add(peer_config("b"));
+    net.connect(a, b);
+    let doc = DocumentId::random();
+    let mut task = Automerge::new();
+    let mut tx = task.transaction();
+    tx.put(ROOT, "kind", "task").unwrap();
+    let l = tx.put_object(ROOT, "tags", ObjType::List).unwrap();
+    tx.insert(&l, 0, "y").unwrap();
+    tx.insert(&l, 1, "y").unwrap();
+    tx.commit();
+    net.push(
+        a,
+        Input::Create {
+            doc,
+            automerge: task,
+        },
+    );
+    net.push(b, Input::Find { doc });
+    net.settle();
+    assert_eq!(tags_of(&net, b, &doc).len(), 2);
+    assert!(!has_event(&net, a, |e| matches!(e, Event::Repair(_))));
+    assert!(!has_event(&net, b, |e| matches!(e, Event::Repair(_))));
+}

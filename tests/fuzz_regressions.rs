@@ -76,3 +76,8 @@ fn converge_regressions_and_seeds() {
 fn presence_regressions_and_seeds() {
     replay("presence", fuzzing::presence, 5);
 }
+
+#[test]
+fn converge_invariants_regressions_and_seeds() {
+    replay("converge_invariants", fuzzing::converge_invariants, 3);
+}

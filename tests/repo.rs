@@ -223,6 +223,387 @@ async fn opening_a_store_with_100k_notes_loads_none_of_them() {
     assert_eq!(repo.loaded_documents().await, 1);
 }
 
+// ---- invariants --------------------------------------------------------------------------
+
+use sheafdb::schema::{FieldDefault, Rejected, RepairEvent, RequiredField, Schema, UniqueList};
+
+fn task_schema() -> Schema {
+    Schema::new()
+        .invariant("task", UniqueList::new("tags"))
+        .invariant(
+            "task",
+            RequiredField::new("title", FieldDefault::Text(String::new())),
+        )
+}
+
+fn with_schema() -> RepoConfig {
+    RepoConfig {
+        schema: task_schema(),
+        ..RepoConfig::default()
+    }
+}
+
+/// A task note: kind, title, and the given tags.
+fn new_task(h: &sheafdb::DocHandle, tags: &[&str]) {
+    h.change(|tx| {
+        tx.put(ROOT, "kind", "task")?;
+        let t = tx.put_object(ROOT, "title", ObjType::Text)?;
+        tx.splice_text(&t, 0, 0, "buy milk")?;
+        let l = tx.put_object(ROOT, "tags", ObjType::List)?;
+        for (i, tag) in tags.iter().enumerate() {
+            tx.insert(&l, i, *tag)?;
+        }
+        Ok(())
+    })
+    .unwrap();
+}
+
+/// (Boxed: `RepoError` is large, and clippy says so for functions returning it.)
+fn add_tag(h: &sheafdb::DocHandle, tag: &str) -> Result<(), Box<RepoError>> {
+    h.change(|tx| {
+        let (_, l) = tx.get(ROOT, "tags")?.unwrap();
+        let end = tx.length(&l);
+        tx.insert(&l, end, tag)
+    })
+    .map_err(Box::new)
+}
+
+#[tokio::test]
+async fn a_local_change_that_breaks_an_invariant_is_rejected_and_never_persisted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (id, heads, json) = {
+        let repo = Repo::open_with(dir.path(), with_schema()).unwrap();
+        let h = repo.create().await.unwrap();
+        new_task(&h, &["home"]);
+        add_tag(&h, "urgent").unwrap();
+        h.saved().await.unwrap();
+        let (heads, json) = (h.heads(), h.to_json());
+        let mut changes = h.changes();
+
+        // A duplicate tag: refused, typed, with what and why.
+        match add_tag(&h, "home").map_err(|e| *e) {
+            Err(RepoError::Invariant(r)) => {
+                let Rejected {
+                    kind,
+                    invariant,
+                    violation,
+                } = *r;
+                assert_eq!((kind.as_str(), invariant.as_str()), ("task", "unique tags"));
+                assert!(
+                    violation.message.contains("\"home\" 2 times"),
+                    "{violation}"
+                );
+            }
+            other => panic!("expected an invariant error, got {other:?}"),
+        }
+        // Deleting the required title: refused too.
+        let err = h.change(|tx| tx.delete(ROOT, "title")).unwrap_err();
+        assert!(matches!(&err, RepoError::Invariant(r) if r.invariant == "required title"));
+        assert!(
+            err.to_string().contains("required field title is missing"),
+            "{err}"
+        );
+        // Turning a plain note into a task that lacks a title: the new kind's rules apply.
+        let plain = repo.create().await.unwrap();
+        let err = plain.change(|tx| tx.put(ROOT, "kind", "task")).unwrap_err();
+        assert!(matches!(err, RepoError::Invariant(_)));
+        assert!(plain.with_doc(|d| d.get(ROOT, "kind").unwrap().is_none()));
+
+        // Nothing changed, nothing to save, nobody notified.
+        assert_eq!(h.heads(), heads);
+        assert_eq!(h.to_json(), json);
+        assert_eq!(*h.save_state().borrow(), SaveState::Saved);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), changes.next())
+                .await
+                .is_err()
+        );
+        let id = h.id();
+        drop(h);
+        drop(plain);
+        repo.shutdown().unwrap();
+        (id, heads, json)
+    };
+    // On disk: exactly what was there before the rejected changes.
+    let repo = Repo::open_with(dir.path(), with_schema()).unwrap();
+    let h = repo.find(id).await.unwrap();
+    assert_eq!(h.heads(), heads);
+    assert_eq!(h.to_json(), json);
+    // A valid change still goes through.
+    add_tag(&h, "later").unwrap();
+    assert_eq!(
+        h.to_json()["tags"],
+        serde_json::json!(["home", "urgent", "later"])
+    );
+}
+
+#[tokio::test]
+async fn a_note_written_before_the_schema_is_repaired_when_loaded() {
+    // Written without the schema (an older app version), opened with it.
+    let dir = tempfile::tempdir().unwrap();
+    let id = {
+        let repo = Repo::open(dir.path()).unwrap();
+        let h = repo.create().await.unwrap();
+        new_task(&h, &["a", "a"]);
+        h.saved().await.unwrap();
+        let id = h.id();
+        drop(h);
+        repo.shutdown().unwrap();
+        id
+    };
+    let repo = Repo::open_with(dir.path(), with_schema()).unwrap();
+    let mut repairs = repo.repairs();
+    let h = repo.find(id).await.unwrap();
+    // Loading it repairs it (a local change of this peer, reported like any repair)...
+    let ev = tokio::time::timeout(Duration::from_secs(5), repairs.next())
+        .await
+        .expect("a repair event")
+        .unwrap();
+    assert_eq!((ev.doc, ev.invariant.as_str()), (id, "unique tags"));
+    assert!(ev.repaired(), "{ev:?}");
+    assert_eq!(h.to_json()["tags"], serde_json::json!(["a"]));
+    assert!(repo
+        .schema()
+        .violations_of(&mut automerge::Automerge::new())
+        .is_empty());
+    // ... and the repair is in its history.
+    let change = h
+        .with_doc(|d| d.get_change_by_hash(&ev.outcome.clone().unwrap()))
+        .unwrap();
+    assert_eq!(change.message(), Some("repair: unique tags"));
+
+    // An imported note is checked as it arrives too.
+    let mut raw = automerge::Automerge::new();
+    let mut tx = raw.transaction();
+    tx.put(ROOT, "kind", "task").unwrap();
+    let l = tx.put_object(ROOT, "tags", ObjType::List).unwrap();
+    tx.insert(&l, 0, "b").unwrap();
+    tx.insert(&l, 1, "b").unwrap();
+    tx.commit();
+    let imported = repo.import(&raw.save()).await.unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(5), repairs.next())
+        .await
+        .expect("a repair event")
+        .unwrap();
+    assert_eq!(ev.doc, imported.id());
+    // Both broken invariants were repaired, each with its own change.
+    let second = tokio::time::timeout(Duration::from_secs(5), repairs.next())
+        .await
+        .expect("the title repair")
+        .unwrap();
+    assert_eq!(
+        (ev.invariant.as_str(), second.invariant.as_str()),
+        ("unique tags", "required title")
+    );
+    assert_eq!(
+        imported.to_json(),
+        serde_json::json!({"kind": "task", "tags": ["b"], "title": ""})
+    );
+}
+
+/// An app-defined invariant whose repair cannot be automatic: a person must fix it.
+struct NonEmptyTitle;
+
+impl sheafdb::schema::Invariant for NonEmptyTitle {
+    fn name(&self) -> &str {
+        "non-empty title"
+    }
+    fn check(
+        &self,
+        doc: &automerge::transaction::Transaction<'_>,
+    ) -> Result<(), sheafdb::schema::Violation> {
+        let empty = match doc.get(ROOT, "title") {
+            Ok(Some((_, t))) => doc.text(&t).map_or(true, |s| s.is_empty()),
+            _ => false, // the RequiredField's business
+        };
+        if empty {
+            Err(sheafdb::schema::Violation::new("the title is empty"))
+        } else {
+            Ok(())
+        }
+    }
+    fn repair(
+        &self,
+        _: &mut automerge::transaction::Transaction<'_>,
+        _: &sheafdb::schema::Violation,
+    ) -> Result<(), automerge::AutomergeError> {
+        Err(automerge::AutomergeError::Fail)
+    }
+}
+
+#[tokio::test]
+async fn a_note_that_cannot_be_repaired_is_reported_and_still_takes_edits_that_do_not_add_to_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = {
+        let repo = Repo::open(dir.path()).unwrap();
+        let h = repo.create().await.unwrap();
+        new_task(&h, &["a"]);
+        h.change(|tx| {
+            let (_, t) = tx.get(ROOT, "title")?.unwrap();
+            tx.splice_text(&t, 0, 8, "")
+        })
+        .unwrap();
+        h.saved().await.unwrap();
+        let id = h.id();
+        drop(h);
+        repo.shutdown().unwrap();
+        id
+    };
+    let config = RepoConfig {
+        schema: task_schema().invariant("task", NonEmptyTitle),
+        ..RepoConfig::default()
+    };
+    let repo = Repo::open_with(dir.path(), config).unwrap();
+    let mut repairs = repo.repairs();
+    let h = repo.find(id).await.unwrap();
+    let heads = h.heads();
+    let ev = tokio::time::timeout(Duration::from_secs(5), repairs.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(ev.invariant, "non-empty title");
+    assert!(matches!(
+        ev.outcome,
+        Err(sheafdb::schema::RepairError::Failed(_))
+    ));
+    assert_eq!(h.heads(), heads, "the failed repair was rolled back");
+    // The note is editable: a change that leaves the title empty but breaks nothing new is
+    // taken; one that adds a duplicate tag is not; one that fixes the title is.
+    add_tag(&h, "b").unwrap();
+    assert!(matches!(
+        add_tag(&h, "a").map_err(|e| *e),
+        Err(RepoError::Invariant(_))
+    ));
+    h.change(|tx| {
+        let (_, t) = tx.get(ROOT, "title")?.unwrap();
+        tx.splice_text(&t, 0, 0, "fixed by hand")
+    })
+    .unwrap();
+    assert!(repo
+        .schema()
+        .violations_of(&mut automerge::Automerge::load(&h.export()).unwrap())
+        .is_empty());
+}
+
+/// Wait until both handles have the same heads and `done` holds on a's note.
+async fn converge(
+    a: &sheafdb::DocHandle,
+    b: &sheafdb::DocHandle,
+    done: impl Fn(&serde_json::Value) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let mut ca = a.changes();
+    let mut cb = b.changes();
+    while a.heads() != b.heads() || !done(&a.to_json()) {
+        let wait = async {
+            tokio::select! {
+                _ = ca.next() => {}
+                _ = cb.next() => {}
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        };
+        tokio::time::timeout_at(deadline, wait)
+            .await
+            .unwrap_or_else(|_| panic!("no convergence: a {} b {}", a.to_json(), b.to_json()));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_adding_the_same_tag_offline_are_repaired_and_report_it() {
+    let (url, _relay, _stop) = common::in_process_relay().await;
+    let a = Repo::temporary(with_schema()).unwrap();
+    let b = Repo::temporary(with_schema()).unwrap();
+    let conn_a = a.connection(&url).unwrap();
+    let conn_b = b.connection(&url).unwrap();
+    let ha = a.create().await.unwrap();
+    new_task(&ha, &["home"]);
+    let hb = tokio::time::timeout(Duration::from_secs(10), b.find(ha.id()))
+        .await
+        .unwrap()
+        .unwrap();
+    converge(&ha, &hb, |j| j["tags"] == serde_json::json!(["home"])).await;
+
+    // Both go offline and tag the task "urgent" (each change is valid on its own).
+    conn_a.disconnect().await;
+    conn_b.disconnect().await;
+    add_tag(&ha, "urgent").unwrap();
+    add_tag(&hb, "urgent").unwrap();
+    hb.change(|tx| {
+        let (_, t) = tx.get(ROOT, "title")?.unwrap();
+        tx.splice_text(&t, 0, 0, "b: ")
+    })
+    .unwrap();
+    let mut repairs_a = ha.repairs();
+    let mut repairs_b = hb.repairs();
+    let mut all_b = b.repairs();
+
+    // Back online: the merge duplicates "urgent"; one or both repair it.
+    let _conn_a = a.connection(&url).unwrap();
+    let _conn_b = b.connection(&url).unwrap();
+    converge(&ha, &hb, |j| {
+        j["tags"]
+            .as_array()
+            .is_some_and(|t| t.iter().filter(|v| *v == "urgent").count() == 1)
+    })
+    .await;
+    let json = ha.to_json();
+    assert_eq!(json["tags"], serde_json::json!(["home", "urgent"]));
+    assert_eq!(json["title"], "b: buy milk");
+    assert_eq!(hb.to_json(), json);
+
+    // The events are published right after the step that made the repairs: they can trail
+    // the converged state by a moment.
+    let first = tokio::time::timeout(Duration::from_secs(5), async {
+        tokio::select! {
+            e = repairs_a.next() => (true, e),
+            e = repairs_b.next() => (false, e),
+        }
+    })
+    .await
+    .expect("a repair was reported");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut from_a: Vec<RepairEvent> = Vec::new();
+    let mut from_b: Vec<RepairEvent> = Vec::new();
+    match first {
+        (true, Some(e)) => from_a.push(e),
+        (false, Some(e)) => from_b.push(e),
+        (_, None) => panic!("repo gone"),
+    }
+    from_a.extend(std::iter::from_fn(|| repairs_a.try_next()));
+    from_b.extend(std::iter::from_fn(|| repairs_b.try_next()));
+    assert!(
+        !(from_a.is_empty() && from_b.is_empty()),
+        "a repair was reported"
+    );
+    for (ev, actor) in from_a
+        .iter()
+        .map(|e| (e, ha.with_doc(|d| d.get_actor().clone())))
+        .chain(
+            from_b
+                .iter()
+                .map(|e| (e, hb.with_doc(|d| d.get_actor().clone()))),
+        )
+    {
+        assert_eq!(ev.doc, ha.id());
+        assert_eq!(
+            (ev.kind.as_str(), ev.invariant.as_str()),
+            ("task", "unique tags")
+        );
+        assert!(
+            ev.violation.message.contains("\"urgent\" 2 times"),
+            "{ev:?}"
+        );
+        // The repair is a change of the device that reported it, and reached both.
+        let hash = ev.outcome.clone().unwrap();
+        let change = ha.with_doc(|d| d.get_change_by_hash(&hash)).unwrap();
+        assert_eq!(change.actor_id(), &actor);
+        assert!(hb.with_doc(|d| d.get_change_by_hash(&hash).is_some()));
+    }
+    // The repo-wide stream of b saw the same repairs as b's handle.
+    let all: Vec<RepairEvent> = std::iter::from_fn(|| all_b.try_next()).collect();
+    assert_eq!(all, from_b);
+}
+
 /// Compaction snapshots a clone outside the note's lock and appends what changed meanwhile
 /// in the same atomic request: editors typing during compactions lose nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -245,7 +626,7 @@ async fn compactions_while_editing_lose_nothing() {
     // Ballast, so that each snapshot takes a while and edits land while it is made.
     h.change(|tx| {
         let list = tx.put_object(ROOT, "ballast", ObjType::List)?;
-        for i in 0..20_000 {
+        for i in 0..100_000 {
             tx.insert(&list, i, i as i64)?;
         }
         Ok(())
@@ -263,8 +644,8 @@ async fn compactions_while_editing_lose_nothing() {
                         tx.put(ROOT, format!("w{w}"), i as i64)
                     })
                     .unwrap();
-                    if i % 50 == 0 {
-                        std::thread::sleep(Duration::from_millis(1));
+                    if i % 20 == 0 {
+                        std::thread::sleep(Duration::from_millis(2));
                     }
                 }
             })

@@ -10,6 +10,7 @@ use automerge::{Automerge, ChangeHash};
 use crate::id::{DocumentId, PeerId, StorageId};
 use crate::net::ConnId;
 use crate::protocol::Message;
+use crate::schema::{enforce, RepairContext};
 
 use super::types::{Effect, EngineConfig, EngineError, Event, Millis, SharedDoc};
 
@@ -97,6 +98,9 @@ pub(super) struct DocEntry {
     first_chunk: Option<(Vec<ChangeHash>, Vec<u8>)>,
     /// Persisted sync state per peer storage, to seed peers that connect.
     sync_states: HashMap<StorageId, Vec<u8>>,
+    /// The document changed other than through its handles (remote changes applied, loaded,
+    /// created): check the schema's invariants in this step.
+    needs_check: bool,
 }
 
 /// What a step produced, for the engine to carry out.
@@ -122,6 +126,7 @@ fn blank(now: Millis, phase: DocPhase, doc: Automerge) -> DocEntry {
         in_flight: BTreeMap::new(),
         first_chunk: None,
         sync_states: HashMap::new(),
+        needs_check: false,
     }
 }
 
@@ -153,6 +158,7 @@ impl DocEntry {
         self.durable_heads = durable_heads;
         self.sync_states = sync_states;
         self.phase = DocPhase::Ready;
+        self.needs_check = true;
     }
 
     pub fn has_content(&self) -> bool {
@@ -241,6 +247,9 @@ impl DocEntry {
         if !self.gated(config) {
             self.apply_inbox(id, out);
         }
+        if std::mem::take(&mut self.needs_check) {
+            self.enforce(now, id, config, out);
+        }
         // Local changes are written even while a chunk is on its way: waiting would only
         // delay `saved()`; the store writes a document's chunks in order.
         self.persist(id, out);
@@ -317,8 +326,8 @@ impl DocEntry {
         }
         let mut doc = self.doc.lock();
         let mut bad: Vec<ConnId> = rejected;
-        let pre_heads = doc.get_heads();
-        let was_empty = pre_heads.is_empty();
+        let heads_before = doc.get_heads();
+        let was_empty = heads_before.is_empty();
         if !all.is_empty() && doc.load_incremental(&all).is_ok() {
             if was_empty && bad.is_empty() {
                 // A fresh copy arrived whole: store the bytes as they came instead of
@@ -342,7 +351,7 @@ impl DocEntry {
                 }
             }
         }
-        let moved = doc.get_heads() != pre_heads;
+        let moved = doc.get_heads() != heads_before;
         for ((conn, msg), had_changes) in decoded.into_iter().zip(had_changes) {
             if bad.contains(&conn) {
                 continue;
@@ -374,6 +383,32 @@ impl DocEntry {
                 out.effects
                     .push(Effect::Event(Event::PeerError { conn, error }));
             }
+        }
+        if doc.get_heads() != heads_before {
+            self.needs_check = true;
+        }
+    }
+
+    /// Check the schema's invariants and repair what a merge broke: each repair is a local
+    /// change of this peer (persisted and sent by the rest of this step).
+    fn enforce(
+        &mut self,
+        now: Millis,
+        id: DocumentId,
+        config: &EngineConfig,
+        out: &mut StepOutput,
+    ) {
+        if config.schema.is_empty() {
+            return;
+        }
+        let cx = RepairContext {
+            doc: id,
+            actor: config.repair_actor.as_ref(),
+            time: config.clock_offset_ms.saturating_add_unsigned(now.0) / 1000,
+        };
+        let events = enforce(&config.schema, &mut self.doc.lock(), &cx);
+        for e in events {
+            out.effects.push(Effect::Event(Event::Repair(e)));
         }
     }
 

@@ -24,6 +24,15 @@
 //! sent for it; when [`Input::Persisted`] arrives the peers are served and the inbox that
 //! accumulated meanwhile is applied in one call. This paces a hot document by the group
 //! commit instead of starving it.
+//!
+//! # Invariants
+//!
+//! With a [`crate::schema::Schema`] in [`EngineConfig::schema`], a document whose step
+//! applied remote changes (or that was just loaded or created) is checked right after the
+//! apply, and each broken invariant is repaired in its own transaction: a local change made
+//! as [`EngineConfig::repair_actor`] (or the document's actor), stamped from `now`, that goes
+//! into the same storage chunk as the remote changes and out to peers like any local change.
+//! Each attempt is reported as [`Event::Repair`].
 
 mod conn;
 mod dedup;

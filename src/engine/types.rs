@@ -3,12 +3,13 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use automerge::{Automerge, ChangeHash};
+use automerge::{ActorId, Automerge, ChangeHash};
 
 use crate::auth::Access;
 use crate::id::{DocumentId, PeerId, StorageId};
 use crate::net::{ConnId, Direction};
 use crate::protocol::{Message, PeerMetadata};
+use crate::schema::{RepairEvent, Schema};
 
 use super::doc::PeerSyncStatus;
 
@@ -56,6 +57,17 @@ pub struct EngineConfig {
     /// Above this many documents in memory, the least recently active evictable ones are
     /// evicted at once (without waiting for `evict_idle_ms`).
     pub max_loaded_docs: usize,
+    /// Invariants per kind of note: after remote changes are applied (and when a note is
+    /// loaded or created), broken ones are repaired with a local change of this peer and
+    /// reported as [`Event::Repair`]. Empty by default (nothing is checked).
+    pub schema: Schema,
+    /// The actor repair changes are made as; `None`: the document's own actor (the one its
+    /// handles commit as). The simulator fixes one per incarnation so runs replay exactly.
+    pub repair_actor: Option<ActorId>,
+    /// Milliseconds since the Unix epoch at `Millis(0)`: repair changes are stamped
+    /// `(clock_offset_ms + now) / 1000` seconds, as handles stamp theirs. The runtime sets
+    /// it when it starts; 0 in the simulator.
+    pub clock_offset_ms: i64,
 }
 
 impl EngineConfig {
@@ -72,6 +84,9 @@ impl EngineConfig {
             evict_idle_ms: 30_000,
             durable_before_send: true,
             max_loaded_docs: 1_000,
+            schema: Schema::default(),
+            repair_actor: None,
+            clock_offset_ms: 0,
         }
     }
 
@@ -228,6 +243,10 @@ pub enum Event {
         doc: DocumentId,
         reason: Denied,
     },
+    /// Merged changes broke an invariant of the note's kind and this peer repaired it (or
+    /// tried to: see [`RepairEvent::outcome`]). The repair change is persisted and synced
+    /// like a local change.
+    Repair(RepairEvent),
 }
 
 /// Why a peer was refused a document.

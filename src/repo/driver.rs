@@ -84,7 +84,7 @@ pub(crate) enum Cmd {
 
 pub(super) fn spawn(
     inner: Weak<Inner>,
-    config: EngineConfig,
+    mut config: EngineConfig,
     rx: Receiver<Cmd>,
 ) -> std::thread::JoinHandle<()> {
     let (store, tx) = {
@@ -95,6 +95,12 @@ pub(super) fn spawn(
     std::thread::Builder::new()
         .name("sheaf-driver".into())
         .spawn(move || {
+            // `Millis(0)` is now: the engine stamps its own changes (repairs) with wall-clock
+            // time derived from this, without reading a clock.
+            let start = Instant::now();
+            config.clock_offset_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
             let mut d = Driver {
                 engine: Engine::new(config),
                 inner,
@@ -102,7 +108,7 @@ pub(super) fn spawn(
                 store,
                 loader: Some(loader),
                 threads: vec![loader_thread],
-                start: Instant::now(),
+                start,
                 conns: HashMap::new(),
                 finds: HashMap::new(),
                 emitted: HashMap::new(),
@@ -486,6 +492,17 @@ impl Driver {
                     crate::engine::Denied::DocLimit => &inner.stats.doc_limit_hits,
                 };
                 counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            Event::Repair(r) => {
+                match &r.outcome {
+                    Ok(change) => {
+                        tracing::info!(doc = %r.doc, invariant = %r.invariant, violation = %r.violation, %change, "repaired an invariant a merge broke")
+                    }
+                    Err(e) => {
+                        tracing::warn!(doc = %r.doc, invariant = %r.invariant, violation = %r.violation, error = %e, "could not repair an invariant a merge broke")
+                    }
+                }
+                let _ = inner.repairs.send(r);
             }
             Event::Evicted { doc } => {
                 let mut chans = inner.channels.lock();

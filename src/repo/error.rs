@@ -18,6 +18,10 @@ pub enum RepoError {
     Import(automerge::AutomergeError),
     #[error("the change failed: {0}")]
     Change(automerge::AutomergeError),
+    /// The change would break an invariant of the note's kind; it was rolled back (nothing
+    /// changed, nothing persisted or sent). Boxed: it is rare, and keeps `RepoError` small.
+    #[error(transparent)]
+    Invariant(Box<crate::schema::Rejected>),
     #[error("the repo is shut down")]
     Closed,
     #[error("I/O error on {path}: {source}")]
@@ -29,4 +33,10 @@ pub enum RepoError {
     Id(#[from] crate::id::IdError),
     #[error("connecting needs a tokio runtime")]
     NoRuntime,
+}
+
+impl From<crate::schema::Rejected> for RepoError {
+    fn from(r: crate::schema::Rejected) -> Self {
+        RepoError::Invariant(Box::new(r))
+    }
 }

@@ -66,7 +66,9 @@ impl DocHandle {
     }
 
     /// Change the note in one Automerge transaction. If `f` fails the transaction is rolled
-    /// back. Returns what `f` returned.
+    /// back. Returns what `f` returned. A change that breaks an invariant of the note's kind
+    /// (see [`crate::schema`]) that held before it is rolled back too:
+    /// [`RepoError::Invariant`].
     pub fn change<R>(
         &self,
         f: impl FnOnce(&mut Transaction<'_>) -> Result<R, AutomergeError>,
@@ -74,6 +76,8 @@ impl DocHandle {
         let (out, heads, changed) = {
             let mut doc = self.doc.lock();
             let mut tx = doc.transaction();
+            let schema = &self.repo.inner.schema;
+            let guard = (!schema.is_empty()).then(|| schema.guard(&tx));
             let out = match f(&mut tx) {
                 Ok(r) => r,
                 Err(e) => {
@@ -81,6 +85,10 @@ impl DocHandle {
                     return Err(RepoError::Change(e));
                 }
             };
+            if let Some(Err(rejected)) = guard.map(|g| g.verdict(schema, &tx)) {
+                tx.rollback();
+                return Err(rejected.into());
+            }
             // Stamp changes with the wall clock in seconds, as JS Automerge does, for history.
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -185,6 +193,11 @@ impl DocHandle {
         self.repo
             .inner
             .send(Cmd::Input(Input::Broadcast { doc: self.id, data }))
+    }
+
+    /// Repairs this peer makes to this note after merges break an invariant.
+    pub fn repairs(&self) -> super::Repairs {
+        super::Repairs::new(self.repo.inner.repairs.subscribe(), Some(self.id))
     }
 
     /// Ephemeral payloads from peers: (sender, CBOR bytes).

@@ -17,12 +17,14 @@ mod error;
 mod handle;
 pub mod history;
 pub mod presence;
+mod repairs;
 pub mod text;
 
 pub use error::RepoError;
 pub use handle::{ChangeEvent, Changes, DocHandle, SaveState};
 pub use history::{ChangeInfo, HistoryError};
 pub use presence::{PeerPresence, PeerSet, Presence, PresenceConfig, PresenceError};
+pub use repairs::Repairs;
 pub use text::{TextError, TextIndex, TextMark};
 
 use std::collections::HashMap;
@@ -40,6 +42,7 @@ use crate::net::client::{spawn_reconnecting, Backoff, ClientConfig, ConnectionSt
 use crate::net::shutdown::{shutdown_channel, Shutdown, ShutdownTrigger};
 use crate::net::{ConnId, ConnInfo, Hub, Outgoing};
 use crate::protocol::Message;
+use crate::schema::{RepairEvent, Schema};
 use crate::store::{Store, StoreConfig, WriteOp};
 
 use driver::Cmd;
@@ -60,6 +63,10 @@ pub struct RepoConfig {
     pub send_queue: usize,
     /// Tune the engine (hold, grace and eviction times).
     pub engine: Option<EngineConfig>,
+    /// Invariants per kind of note (see [`crate::schema`]): local changes that break one are
+    /// rejected, merges that break one are repaired. If empty, the schema of `engine` (if
+    /// any) is used.
+    pub schema: Schema,
 }
 
 impl Default for RepoConfig {
@@ -71,6 +78,7 @@ impl Default for RepoConfig {
             find_timeout: Duration::from_secs(30),
             send_queue: 1024,
             engine: None,
+            schema: Schema::default(),
         }
     }
 }
@@ -136,6 +144,9 @@ pub(crate) struct Inner {
     next_conn: AtomicU64,
     pub(crate) channels: parking_lot::Mutex<HashMap<DocumentId, Arc<DocChannels>>>,
     pub(crate) peers: watch::Sender<Vec<PeerId>>,
+    /// The invariants local changes are checked against (the engine's too).
+    pub(crate) schema: Schema,
+    pub(crate) repairs: tokio::sync::broadcast::Sender<RepairEvent>,
     driver: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
     shutdown: ShutdownTrigger,
     shutdown_rx: Shutdown,
@@ -198,7 +209,7 @@ impl Repo {
 
     fn start(store: Store, storage_id: StorageId, config: RepoConfig) -> Self {
         let peer_id = config.peer_id.clone().unwrap_or_else(PeerId::random);
-        let engine_config = match &config.engine {
+        let mut engine_config = match &config.engine {
             Some(e) => EngineConfig {
                 peer_id: peer_id.clone(),
                 storage_id: Some(storage_id.clone()),
@@ -207,6 +218,10 @@ impl Repo {
             None if config.relay => EngineConfig::relay(peer_id.clone(), Some(storage_id.clone())),
             None => EngineConfig::peer(peer_id.clone(), Some(storage_id.clone())),
         };
+        if !config.schema.is_empty() {
+            engine_config.schema = config.schema.clone();
+        }
+        let schema = engine_config.schema.clone();
         let (tx, rx) = std::sync::mpsc::channel();
         let (trigger, shutdown_rx) = shutdown_channel();
         let inner = Arc::new(Inner {
@@ -219,6 +234,8 @@ impl Repo {
             next_conn: AtomicU64::new(1),
             channels: parking_lot::Mutex::new(HashMap::new()),
             peers: watch::channel(Vec::new()).0,
+            schema,
+            repairs: tokio::sync::broadcast::channel(repairs::REPAIRS_BUFFER).0,
             driver: parking_lot::Mutex::new(None),
             shutdown: trigger,
             shutdown_rx,
@@ -386,6 +403,17 @@ impl Repo {
         }
         self.inner.store.flush_blocking()?;
         Ok(())
+    }
+
+    /// Repairs this peer makes after merges break an invariant, for every note (see
+    /// [`crate::schema`]).
+    pub fn repairs(&self) -> Repairs {
+        Repairs::new(self.inner.repairs.subscribe(), None)
+    }
+
+    /// The invariants this repo enforces.
+    pub fn schema(&self) -> &Schema {
+        &self.inner.schema
     }
 
     /// Runtime counters, updated after every engine batch.

@@ -8,6 +8,8 @@
 //! and unacknowledged writes lost, acknowledged chunks kept) and restarting. Then
 //! [`Sim::heal_and_settle`] reconnects everything and runs to quiescence so a test can assert
 //! that every replica converged. Same seed, same run: a failing seed replays exactly.
+//! [`Sim::with_schema`] gives the peers a [`Schema`] (invariants repaired after merges);
+//! [`Sim::check_invariants`] then checks every replica keeps them.
 //!
 //! Frames cross the simulated wire through the real codec ([`protocol::encode`] then
 //! [`protocol::decode`]), so the codec is exercised by every run.
@@ -26,6 +28,7 @@ use crate::engine::{Effect, Engine, EngineConfig, Event, Input, Loaded, Millis, 
 use crate::id::{DocumentId, PeerId, StorageId};
 use crate::net::{ConnId, Direction};
 use crate::protocol::{self, Message};
+use crate::schema::{RepairEvent, Schema};
 
 /// One thing that can happen in the simulation. [`Sim::step`] picks one at random; a fuzzer
 /// (or a test) can drive [`Sim::apply`] with a schedule of its own. Node, link and count
@@ -135,6 +138,10 @@ pub struct Node {
     /// Documents the app wants (found or created), re-found after a restart.
     pub wanted: BTreeSet<DocumentId>,
     pub unavailable: BTreeSet<DocumentId>,
+    /// Repairs this node's engine made after merges broke an invariant, in order.
+    pub repairs: Vec<RepairEvent>,
+    /// The invariants this node enforces (relays: none).
+    schema: Schema,
     index: u8,
     /// How many times this node was (re)started; part of its actor id.
     incarnation: u32,
@@ -149,11 +156,15 @@ impl Node {
     }
 
     fn new_engine(&self) -> Engine {
-        let cfg = if self.relay {
+        let mut cfg = if self.relay {
             EngineConfig::relay(self.peer_id.clone(), Some(self.storage_id.clone()))
         } else {
             EngineConfig::peer(self.peer_id.clone(), Some(self.storage_id.clone()))
         };
+        cfg.schema = self.schema.clone();
+        // Repairs are made as this incarnation's actor, like its edits: deterministic, and
+        // never a sequence number a lost write of an earlier incarnation already used.
+        cfg.repair_actor = Some(self.actor());
         Engine::new(cfg)
     }
 }
@@ -191,6 +202,12 @@ pub struct Sim {
 
 impl Sim {
     pub fn new(seed: u64, config: SimConfig) -> Self {
+        Self::with_schema(seed, config, Schema::default())
+    }
+
+    /// Like [`Sim::new`], with every peer (not the relay, which like a real one knows no app
+    /// schema) enforcing `schema`.
+    pub fn with_schema(seed: u64, config: SimConfig, schema: Schema) -> Self {
         let mut rng = StdRng::seed_from_u64(seed);
         let mut nodes = Vec::new();
         let relays = usize::from(config.topology == Topology::Star);
@@ -213,6 +230,12 @@ impl Sim {
                 handles: BTreeMap::new(),
                 wanted: BTreeSet::new(),
                 unavailable: BTreeSet::new(),
+                repairs: Vec::new(),
+                schema: if relay {
+                    Schema::default()
+                } else {
+                    schema.clone()
+                },
                 index: i as u8,
                 incarnation: 0,
             });
@@ -405,10 +428,10 @@ impl Sim {
         if self.nodes[node].engine.is_some() {
             return;
         }
+        self.nodes[node].incarnation += 1;
         let engine = self.nodes[node].new_engine();
         let n = &mut self.nodes[node];
         n.engine = Some(engine);
-        n.incarnation += 1;
         let wanted: Vec<DocumentId> = n.wanted.iter().copied().collect();
         for d in wanted {
             n.inputs.push(Input::Find { doc: d });
@@ -485,6 +508,14 @@ impl Sim {
             Event::PeerError { error, .. } => {
                 let msg = format!("{}: peer error {error}", self.nodes[node].name);
                 self.log(msg);
+            }
+            Event::Repair(r) => {
+                let msg = format!(
+                    "{}: repair of {} `{}` ({}): {:?}",
+                    self.nodes[node].name, r.doc, r.invariant, r.violation, r.outcome
+                );
+                self.log(msg);
+                self.nodes[node].repairs.push(r);
             }
             _ => {}
         }
@@ -703,10 +734,79 @@ impl Sim {
         self.log(msg);
     }
 
+    /// A local edit of `doc` on `node` made by `f` in one transaction (committed at time 0,
+    /// as this incarnation's actor, like [`Sim::local_edit`]). Does nothing if the node is
+    /// down or holds no handle for the document; returns whether the edit was made.
+    pub fn edit_with(
+        &mut self,
+        node: usize,
+        doc: DocumentId,
+        f: impl FnOnce(
+            &mut automerge::transaction::Transaction<'_>,
+        ) -> Result<(), automerge::AutomergeError>,
+    ) -> bool {
+        let n = &self.nodes[node];
+        let Some(h) = n.handles.get(&doc).filter(|_| n.engine.is_some()).cloned() else {
+            return false;
+        };
+        let actor = n.actor();
+        {
+            let mut d = h.lock();
+            d.set_actor(actor);
+            let mut tx = d.transaction();
+            if f(&mut tx).is_err() {
+                tx.rollback();
+                return false;
+            }
+            tx.commit_with(automerge::transaction::CommitOptions::default().with_time(0));
+        }
+        self.nodes[node].inputs.push(Input::LocalChange { doc });
+        let msg = format!("{} edits {doc} (scripted)", self.nodes[node].name);
+        self.log(msg);
+        true
+    }
+
+    /// Every peer's copy of every document keeps the invariants its schema registers.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        for n in self.nodes.iter().filter(|n| !n.relay) {
+            for (d, h) in &n.handles {
+                let broken = n.schema.violations_of(&mut h.lock());
+                if let Some(r) = broken.first() {
+                    return Err(format!(
+                        "{}: {d} breaks `{}`: {}",
+                        n.name, r.invariant, r.violation
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Run `config.steps` random steps.
     pub fn run(&mut self) {
         for _ in 0..self.config.steps {
             self.step();
+        }
+    }
+
+    /// `rounds` rounds of: every node handles its inputs, group commits complete, every frame
+    /// in flight is delivered, time advances by `max_delay_ms`. Unlike
+    /// [`Sim::heal_and_settle`], partitions and dropped links stay as they are.
+    pub fn pump(&mut self, rounds: usize) {
+        for _ in 0..rounds {
+            for node in 0..self.nodes.len() {
+                self.commit(node);
+                self.run_node(node);
+            }
+            for i in 0..self.links.len() {
+                self.deliver(i, true);
+            }
+            self.now = self.now.plus(self.config.max_delay_ms.max(1));
+            for node in 0..self.nodes.len() {
+                if self.nodes[node].engine.is_some() {
+                    self.nodes[node].inputs.push(Input::Tick);
+                }
+            }
         }
     }
 
