@@ -2,7 +2,9 @@
 //!
 //! `cargo bench --bench relay` runs every scenario; `cargo bench --bench relay -- fanout`
 //! (or `fetch`, `long`, `rss`; several may be given) runs the ones whose name contains an
-//! argument; `SHEAF_BENCH_K=64` (or `4,16`) overrides the client counts of fanout and long.
+//! argument; `SHEAF_BENCH_K=64` (or `4,16`) overrides the client counts of fanout and long,
+//! `SHEAF_BENCH_NOTES` the note count of rss, and `SHEAF_BENCH_RELAY_ARGS` adds flags to the
+//! `sheaf-relay` command line (e.g. `--cache-mib 8`).
 //! `SHEAF_BENCH_QUICK=1` shortens everything (a prefix of the trace, fewer clients,
 //! shorter runs) so the whole bench finishes in well under a minute. Every loop is bounded in
 //! count and time; servers bind 127.0.0.1. Each scenario prints its figures and, where there
@@ -129,7 +131,12 @@ fn main() {
         ));
     }
     if want("rss") {
-        rt.block_on(relay_rss(if quick { 1_000 } else { 10_000 }, &mut rows));
+        let notes = match std::env::var("SHEAF_BENCH_NOTES") {
+            Ok(n) => n.parse().expect("SHEAF_BENCH_NOTES: a count"),
+            Err(_) if quick => 1_000,
+            Err(_) => 10_000,
+        };
+        rt.block_on(relay_rss(notes, &mut rows));
     }
     drop(rt);
 
@@ -685,9 +692,12 @@ async fn typing_run(
 }
 
 /// A `sheaf-relay` child process on a fresh data directory, with room for many clients
-/// from 127.0.0.1.
+/// from 127.0.0.1, plus any flags in `SHEAF_BENCH_RELAY_ARGS` (e.g. `--cache-mib 8`).
 async fn relay_proc(dir: &Path) -> RelayProc {
-    RelayProc::start(dir, 0, &["--max-connections-per-ip", "4096"]).await
+    let extra = std::env::var("SHEAF_BENCH_RELAY_ARGS").unwrap_or_default();
+    let mut args = vec!["--max-connections-per-ip", "4096"];
+    args.extend(extra.split_whitespace());
+    RelayProc::start(dir, 0, &args).await
 }
 
 /// `k` clients connected to `url`, each with a handle on `id` (all found in parallel).
