@@ -119,6 +119,20 @@ async fn subscribers_get_patches_for_local_changes() {
     assert_eq!(ev.patches.len(), 1, "{:?}", ev.patches);
 }
 
+#[tokio::test]
+async fn the_heads_watch_follows_local_changes() {
+    let repo = Repo::temporary(RepoConfig::default()).unwrap();
+    let h = repo.create().await.unwrap();
+    let mut heads = h.heads_watch();
+    assert_eq!(*heads.borrow_and_update(), h.heads());
+    h.change(|tx| tx.put(ROOT, "title", "hi")).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), heads.changed())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(*heads.borrow(), h.heads());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_peers_sync_through_a_relay_and_see_each_others_changes() {
     let (url, _relay, _stop) = common::in_process_relay().await;
@@ -148,7 +162,8 @@ async fn two_peers_sync_through_a_relay_and_see_each_others_changes() {
     }
     assert_eq!(text_of(&hb), "from a");
 
-    // and back
+    // and back (a's heads watch sees b's edit arrive as well)
+    let mut a_heads = ha.heads_watch();
     let mut a_changes = ha.changes();
     hb.change(|tx| {
         let (_, t) = tx.get(ROOT, "text")?.unwrap();
@@ -160,6 +175,10 @@ async fn two_peers_sync_through_a_relay_and_see_each_others_changes() {
             .await
             .expect("a gets b's edit");
     }
+    tokio::time::timeout_at(deadline, a_heads.wait_for(|h| *h == hb.heads()))
+        .await
+        .expect("a's heads watch reaches b's heads")
+        .unwrap();
     // both report synced with the relay
     let mut st = ha.sync_status();
     tokio::time::timeout_at(

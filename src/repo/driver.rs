@@ -239,6 +239,11 @@ impl Driver {
                             self.save_dirty.insert(*doc);
                             self.maybe_compact(*doc);
                         }
+                        if let Input::ConnClosed { conn } = &i {
+                            // The socket is gone: drop our sender too, or its queue (a few KiB
+                            // each) outlives the connection, one per connection ever served.
+                            self.conns.remove(conn);
+                        }
                         inputs.push(i)
                     }
                     Cmd::Connect {

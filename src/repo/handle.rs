@@ -188,6 +188,15 @@ impl DocHandle {
         }
     }
 
+    /// The note's heads, updated after every local change and every applied batch of remote
+    /// changes. Cheap: unlike [`DocHandle::changes`], which diffs the note for its patches
+    /// (a walk of the whole note under its lock: tens of milliseconds per event on a text
+    /// of ~260k ops), nothing is computed. For apps that re-read what they show, sync
+    /// indicators, and `get_changes_meta(&old_heads)` to see who changed what.
+    pub fn heads_watch(&self) -> watch::Receiver<Vec<ChangeHash>> {
+        self.channels.heads.subscribe()
+    }
+
     /// Send an ephemeral payload (CBOR bytes: presence, cursors) to the note's peers.
     pub fn broadcast(&self, data: Vec<u8>) -> Result<(), RepoError> {
         self.repo

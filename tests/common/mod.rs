@@ -541,6 +541,11 @@ impl JsProc {
         }
     }
 
+    /// The process id (while it runs).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// The next line matching `pred` (from the backlog first), within `within`.
     pub async fn expect(&mut self, within: Duration, pred: impl Fn(&Value) -> bool) -> Value {
         if let Some(i) = self.backlog.iter().position(&pred) {
