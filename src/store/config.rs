@@ -22,13 +22,6 @@ pub struct StoreConfig {
     pub compaction_factor: u64,
     /// Compaction policy: ... or once there are more than this many incremental chunks.
     pub compaction_max_chunks: u64,
-    /// Group commit under concurrency: when the last batch carried several requests, their
-    /// writers are likely to come straight back with their next edit. Without waiting they
-    /// miss the next batch (it starts the moment the last one is acknowledged) and
-    /// concurrent writers split into two alternating half-size batches. So the writer waits
-    /// up to this long for as many requests as the last batch acknowledged. A lone writer
-    /// (last batch of one request) never waits.
-    pub group_commit_linger: std::time::Duration,
 }
 
 impl Default for StoreConfig {
@@ -41,7 +34,6 @@ impl Default for StoreConfig {
             compaction_min_bytes: 1024 * 1024,
             compaction_factor: 8,
             compaction_max_chunks: 2_000,
-            group_commit_linger: std::time::Duration::from_micros(300),
         }
     }
 }

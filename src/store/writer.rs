@@ -1,12 +1,11 @@
 //! The single writer thread: group commit.
 //!
 //! Every `write` becomes a request on a channel. The writer blocks for one request, then takes
-//! every other request already waiting (up to `max_batch_ops` / `max_batch_bytes`; under
-//! concurrency it lingers briefly for more, see `StoreConfig::group_commit_linger`), applies
+//! every other request already waiting (up to `max_batch_ops` / `max_batch_bytes`), applies
 //! all their ops atomically (one sled batch, or one transaction when the `docs` index changes
 //! too), calls `Db::flush()`, then [`Durability::sync`] (fdatasync of the log, fsync of new
-//! blob files), and only then runs the callbacks. Concurrent writers therefore share one flush and one fsync: the more of them
-//! there are, the bigger the batches.
+//! blob files), and only then runs the callbacks. Concurrent writers therefore share one
+//! flush and one fsync: the more of them there are, the bigger the batches.
 //!
 //! A failed flush or fsync poisons the writer: after a failed fsync the kernel may have dropped
 //! the dirty pages, so no later write could honestly be called durable. Every later request
@@ -69,39 +68,20 @@ impl Committed for Writer {
 
 impl Writer {
     pub fn run(mut self, rx: Receiver<Request>) {
-        let mut last_group = 0usize;
         while let Ok(first) = rx.recv() {
             let mut ops = first.ops.len();
             let mut bytes: usize = first.ops.iter().map(WriteOp::payload_len).sum();
             let mut group = vec![first];
-            let mut take = |r: Request, group: &mut Vec<Request>| {
-                ops += r.ops.len();
-                bytes += r.ops.iter().map(WriteOp::payload_len).sum::<usize>();
-                group.push(r);
-                ops < self.config.max_batch_ops && bytes < self.config.max_batch_bytes
-            };
-            let mut room = true;
-            while room {
+            while ops < self.config.max_batch_ops && bytes < self.config.max_batch_bytes {
                 match rx.try_recv() {
-                    Ok(r) => room = take(r, &mut group),
+                    Ok(r) => {
+                        ops += r.ops.len();
+                        bytes += r.ops.iter().map(WriteOp::payload_len).sum::<usize>();
+                        group.push(r);
+                    }
                     Err(_) => break,
                 }
             }
-            // See `StoreConfig::group_commit_linger`.
-            if last_group > 1 && room {
-                let expect = group.len() + last_group;
-                let until = std::time::Instant::now() + self.config.group_commit_linger;
-                while room && group.len() < expect {
-                    let Some(left) = until.checked_duration_since(std::time::Instant::now()) else {
-                        break;
-                    };
-                    match rx.recv_timeout(left) {
-                        Ok(r) => room = take(r, &mut group),
-                        Err(_) => break,
-                    }
-                }
-            }
-            last_group = group.len();
             self.commit_group(group);
         }
         tracing::debug!("store writer: channel closed, exiting");
