@@ -26,7 +26,7 @@
 // Events: {"event":"ephemeral","url","senderId","message"} for every handle we hold;
 //         {"event":"peer","state":"connected"|"disconnected","peerId"}.
 
-import { createInterface } from "node:readline"
+import { out, serveCommands } from "./serve-commands.mjs"
 import { Repo } from "@automerge/automerge-repo"
 import { WebSocketClientAdapter } from "@automerge/automerge-repo-network-websocket"
 import * as A from "@automerge/automerge"
@@ -41,7 +41,6 @@ setTimeout(() => {
   process.exit(2)
 }, Number(timeoutArg)).unref()
 
-const out = obj => process.stdout.write(JSON.stringify(obj) + "\n")
 const json = doc => JSON.parse(JSON.stringify(doc))
 const sleep = ms => new Promise(r => setTimeout(r, ms))
 
@@ -141,22 +140,4 @@ function sortKeys(v) {
   return v
 }
 
-const rl = createInterface({ input: process.stdin })
-rl.on("line", async line => {
-  if (!line.trim()) return
-  let cmd
-  try {
-    cmd = JSON.parse(line)
-  } catch (e) {
-    return out({ ok: false, error: `bad json: ${e}` })
-  }
-  const f = commands[cmd.cmd]
-  if (!f) return out({ ok: false, id: cmd.id, error: `unknown command ${cmd.cmd}` })
-  try {
-    out({ ok: true, id: cmd.id, ...(await f(cmd)) })
-  } catch (e) {
-    out({ ok: false, id: cmd.id, error: String(e?.message ?? e) })
-  }
-})
-rl.on("close", () => process.exit(0))
-out({ event: "ready", peerId })
+serveCommands(commands, { peerId })

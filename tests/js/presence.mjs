@@ -17,7 +17,7 @@
 //         {"event":"pruning","pruned":[...]}
 //         {"event":"ephemeral","senderId","message"}  (every payload, as the handle sees it)
 
-import { createInterface } from "node:readline"
+import { out, serveCommands } from "./serve-commands.mjs"
 import { Repo, Presence } from "@automerge/automerge-repo"
 import { WebSocketClientAdapter } from "@automerge/automerge-repo-network-websocket"
 
@@ -31,7 +31,6 @@ setTimeout(() => {
   process.exit(2)
 }, Number(timeoutArg)).unref()
 
-const out = obj => process.stdout.write(JSON.stringify(obj) + "\n")
 
 const repo = new Repo({ network: [new WebSocketClientAdapter(url, 200)], peerId })
 let handle
@@ -75,22 +74,4 @@ const commands = {
   },
 }
 
-const rl = createInterface({ input: process.stdin })
-rl.on("line", async line => {
-  if (!line.trim()) return
-  let cmd
-  try {
-    cmd = JSON.parse(line)
-  } catch (e) {
-    return out({ ok: false, error: `bad json: ${e}` })
-  }
-  const f = commands[cmd.cmd]
-  if (!f) return out({ ok: false, id: cmd.id, error: `unknown command ${cmd.cmd}` })
-  try {
-    out({ ok: true, id: cmd.id, ...(await f(cmd)) })
-  } catch (e) {
-    out({ ok: false, id: cmd.id, error: String(e?.message ?? e) })
-  }
-})
-rl.on("close", () => process.exit(0))
-out({ event: "ready", peerId })
+serveCommands(commands, { peerId })

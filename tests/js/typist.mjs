@@ -16,7 +16,7 @@
 // not seen yet is one delivered keystroke, with latency = now - that time. The processes run
 // on one machine, so their clocks agree.
 
-import { createInterface } from "node:readline"
+import { out, serveCommands } from "./serve-commands.mjs"
 import { Repo } from "@automerge/automerge-repo"
 import { WebSocketClientAdapter } from "@automerge/automerge-repo-network-websocket"
 import * as A from "@automerge/automerge"
@@ -33,7 +33,6 @@ setTimeout(() => {
   process.exit(2)
 }, Number(timeoutArg)).unref()
 
-const out = obj => process.stdout.write(JSON.stringify(obj) + "\n")
 const sleep = ms => new Promise(r => setTimeout(r, ms))
 const now = () => performance.timeOrigin + performance.now()
 
@@ -108,22 +107,4 @@ const commands = {
   },
 }
 
-const rl = createInterface({ input: process.stdin })
-rl.on("line", async line => {
-  if (!line.trim()) return
-  let cmd
-  try {
-    cmd = JSON.parse(line)
-  } catch (e) {
-    return out({ ok: false, error: `bad json: ${e}` })
-  }
-  const f = commands[cmd.cmd]
-  if (!f) return out({ ok: false, id: cmd.id, error: `unknown command ${cmd.cmd}` })
-  try {
-    out({ ok: true, id: cmd.id, ...(await f(cmd)) })
-  } catch (e) {
-    out({ ok: false, id: cmd.id, error: String(e?.message ?? e) })
-  }
-})
-rl.on("close", () => process.exit(0))
-out({ event: "ready", index })
+serveCommands(commands, { index })
