@@ -491,14 +491,20 @@ async fn documents_per_connection_are_capped() {
     }
     assert_eq!(synced, BTreeSet::from([docs[0], docs[1]]));
     assert_eq!(unavailable, BTreeSet::from([docs[2]]));
-    assert_eq!(
+    // The refusal is counted by the relay's driver right after it queues the answer: the
+    // client may read the answer first, so wait (bounded) for the count.
+    let hits = || {
         relay
             .repo
             .stats()
             .doc_limit_hits
-            .load(std::sync::atomic::Ordering::Relaxed),
-        1
-    );
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while hits() < 1 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert_eq!(hits(), 1);
     // The connection stays up for the documents it has.
     send(&mut ws, &request("greedy", &rp, docs[0])).await;
     assert!(matches!(
