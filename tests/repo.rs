@@ -651,37 +651,48 @@ async fn compactions_while_editing_lose_nothing() {
         Ok(())
     })
     .unwrap();
+    let compactions = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let writers: Vec<_> = (0..3)
         .map(|w| {
             let h = h.clone();
             let text = text.clone();
+            let done = compactions.clone();
             std::thread::spawn(move || {
-                for i in 0..600 {
+                // At least 600 edits each, and on until three explicit compactions ran
+                // (bounded: a slow machine ends the edits after 20 s).
+                let started = std::time::Instant::now();
+                let mut i: i64 = 0;
+                while i < 600
+                    || (done.load(std::sync::atomic::Ordering::Relaxed) < 3
+                        && started.elapsed().as_secs() < 20)
+                {
                     h.change(|tx| {
                         let len = tx.length(&text);
                         tx.splice_text(&text, len, 0, &format!("{w}"))?;
-                        tx.put(ROOT, format!("w{w}"), i as i64)
+                        tx.put(ROOT, format!("w{w}"), i)
                     })
                     .unwrap();
+                    i += 1;
                     if i % 20 == 0 {
                         std::thread::sleep(Duration::from_millis(2));
                     }
                 }
+                i
             })
         })
         .collect();
-    let mut explicit = 0;
     while writers.iter().any(|w| !w.is_finished()) {
         h.compact().await.unwrap();
-        explicit += 1;
+        compactions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
-    for w in writers {
-        w.join().unwrap();
-    }
+    let edits: Vec<i64> = writers.into_iter().map(|w| w.join().unwrap()).collect();
     h.saved().await.unwrap();
     let heads = h.heads();
     let json = h.to_json();
-    assert!(explicit > 1, "compacted while the writers ran");
+    assert!(
+        compactions.load(std::sync::atomic::Ordering::Relaxed) >= 3,
+        "compacted while the writers ran"
+    );
     drop(h);
     repo.shutdown().unwrap();
     drop(repo);
@@ -697,10 +708,12 @@ async fn compactions_while_editing_lose_nothing() {
     );
     let text_len = {
         let (_, t) = loaded.doc.get(ROOT, "text").unwrap().unwrap();
-        loaded.doc.text(&t).unwrap().chars().count()
+        loaded.doc.text(&t).unwrap().chars().count() as i64
     };
-    assert_eq!(text_len, 1_800);
-    assert_eq!(json["w0"], 599);
-    // Far fewer chunks than the 1,800 changes: compaction folded them.
+    assert_eq!(text_len, edits.iter().sum::<i64>());
+    for (w, n) in edits.iter().enumerate() {
+        assert_eq!(json[format!("w{w}")], n - 1);
+    }
+    // Far fewer chunks than the changes: compaction folded them.
     assert!(loaded.chunks < 200, "{} chunks", loaded.chunks);
 }
