@@ -80,6 +80,18 @@ fn verdict(ok: bool) -> &'static str {
     }
 }
 
+/// A latency row: `scored` carries the target and whether it was met; unscored rows are info.
+fn latency_row(name: String, r: &TypingResult, scored: Option<(&str, bool)>) -> Row {
+    Row {
+        name,
+        measured: r.summary(),
+        baseline: format!("{}; {} sent", r.cpu, r.sent),
+        ratio: String::new(),
+        target: scored.map_or("(info)", |(t, _)| t).into(),
+        verdict: scored.map_or("", |(_, pass)| verdict(pass)),
+    }
+}
+
 fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1e3)
 }
@@ -747,18 +759,11 @@ async fn fanout(k: usize, duration: Duration, rows: &mut Vec<Row>) {
     let pid = relay.child.id().unwrap();
     let r = typing_run(&handles, pid, Observe::Heads, 10.0, duration, drain, edit).await;
     let pass = k != 64 || (r.all_delivered() && r.p99 < Duration::from_millis(200));
-    rows.push(Row {
-        name: format!("2. fanout K={k}, {}s, 10 edits/s each", duration.as_secs()),
-        measured: r.summary(),
-        baseline: format!("{}; {} sent", r.cpu, r.sent),
-        ratio: String::new(),
-        target: if k == 64 {
-            "p99 < 200 ms".into()
-        } else {
-            "(info)".into()
-        },
-        verdict: if k == 64 { verdict(pass) } else { "" },
-    });
+    rows.push(latency_row(
+        format!("2. fanout K={k}, {}s, 10 edits/s each", duration.as_secs()),
+        &r,
+        (k == 64).then_some(("p99 < 200 ms", pass)),
+    ));
     eprintln!(
         "fanout K={k}: {}; {}; drained in {:.1?}",
         r.summary(),
@@ -817,8 +822,8 @@ async fn long_note(
         let r = typing_run(&handles, pid, mode, 10.0, duration, drain, edit).await;
         let pass = r.all_delivered() && r.p99 < Duration::from_millis(300);
         let scored = k == 4 && mode == Observe::Heads;
-        rows.push(Row {
-            name: format!(
+        rows.push(latency_row(
+            format!(
                 "3. long note K={k} sheaf{}, {}s, 10 keys/s each",
                 if mode == Observe::Changes {
                     " via changes()"
@@ -827,16 +832,9 @@ async fn long_note(
                 },
                 duration.as_secs()
             ),
-            measured: r.summary(),
-            baseline: format!("{}; {} sent", r.cpu, r.sent),
-            ratio: String::new(),
-            target: if scored {
-                "p99 < 300 ms".into()
-            } else {
-                "(info)".into()
-            },
-            verdict: if scored { verdict(pass) } else { "" },
-        });
+            &r,
+            scored.then_some(("p99 < 300 ms", pass)),
+        ));
         eprintln!(
             "long K={k} {mode:?}: {}; {}; drained in {:.1?}",
             r.summary(),
@@ -879,18 +877,11 @@ async fn long_note(
         let r = js_typing_run(&url, id, k, pid, duration).await;
         let pass = r.all_delivered() && r.p99 < Duration::from_millis(500);
         eprintln!("long K={k} JS: {}; {}", r.summary(), r.cpu);
-        rows.push(Row {
+        rows.push(latency_row(
             name,
-            measured: r.summary(),
-            baseline: format!("{}; {} sent", r.cpu, r.sent),
-            ratio: String::new(),
-            target: if k == 4 {
-                "p99 < 500 ms".into()
-            } else {
-                "(info)".into()
-            },
-            verdict: if k == 4 { verdict(pass) } else { "" },
-        });
+            &r,
+            (k == 4).then_some(("p99 < 500 ms", pass)),
+        ));
         relay.kill9().await;
     }
 }

@@ -140,4 +140,4 @@ function sortKeys(v) {
   return v
 }
 
-serveCommands(commands, { peerId })
+serveCommands(commands, { event: "ready", peerId })

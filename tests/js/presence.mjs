@@ -74,4 +74,4 @@ const commands = {
   },
 }
 
-serveCommands(commands, { peerId })
+serveCommands(commands, { event: "ready", peerId })

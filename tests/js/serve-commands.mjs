@@ -7,8 +7,8 @@ import { createInterface } from "node:readline"
 
 export const out = obj => process.stdout.write(JSON.stringify(obj) + "\n")
 
-// Answer each command line with `commands[cmd.cmd](cmd)`, then announce `{event:"ready"}`
-// with the fields of `ready`.
+// Answer each command line with `commands[cmd.cmd](cmd)`, then print `ready` (the script's
+// "I am up" event).
 export function serveCommands(commands, ready) {
   const rl = createInterface({ input: process.stdin })
   rl.on("line", async line => {
@@ -28,5 +28,5 @@ export function serveCommands(commands, ready) {
     }
   })
   rl.on("close", () => process.exit(0))
-  out({ event: "ready", ...ready })
+  out(ready)
 }

@@ -9,7 +9,7 @@
 //   {"cmd":"quit"}
 // Exits on `quit`, when stdin closes, or after timeoutMs (default 60 s, exit code 2).
 
-import { createInterface } from "node:readline"
+import { out, serveCommands } from "./serve-commands.mjs"
 import { Repo } from "@automerge/automerge-repo"
 import { NodeWSServerAdapter } from "@automerge/automerge-repo-network-websocket"
 import { WebSocketServer } from "ws"
@@ -20,7 +20,6 @@ setTimeout(() => {
   process.exit(2)
 }, timeoutMs).unref()
 
-const out = obj => process.stdout.write(JSON.stringify(obj) + "\n")
 const json = doc => JSON.parse(JSON.stringify(doc))
 
 /** Minimal in-memory StorageAdapterInterface, so the server has a storageId. */
@@ -53,29 +52,17 @@ const repo = new Repo({
   sharePolicy: async () => false,
 })
 
-const rl = createInterface({ input: process.stdin })
-rl.on("line", async line => {
-  if (!line.trim()) return
-  let cmd
-  try {
-    cmd = JSON.parse(line)
-  } catch (e) {
-    return out({ ok: false, error: `bad json: ${e}` })
-  }
-  try {
-    if (cmd.cmd === "find") {
-      const h = await repo.find(cmd.url, { signal: AbortSignal.timeout(cmd.timeoutMs ?? 10000) })
-      out({ ok: true, id: cmd.id, url: h.url, doc: json(h.doc()) })
-    } else if (cmd.cmd === "quit") {
+serveCommands(
+  {
+    async find({ url, timeoutMs = 10000 }) {
+      const h = await repo.find(url, { signal: AbortSignal.timeout(timeoutMs) })
+      return { url: h.url, doc: json(h.doc()) }
+    },
+    async quit() {
       await repo.shutdown().catch(() => {})
       wss.close()
       process.exit(0)
-    } else {
-      out({ ok: false, id: cmd.id, error: `unknown command ${cmd.cmd}` })
-    }
-  } catch (e) {
-    out({ ok: false, id: cmd.id, error: String(e?.message ?? e) })
-  }
-})
-rl.on("close", () => process.exit(0))
-out({ event: "listening", url: `ws://127.0.0.1:${wss.address().port}` })
+    },
+  },
+  { event: "listening", url: `ws://127.0.0.1:${wss.address().port}` }
+)

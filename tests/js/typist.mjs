@@ -107,4 +107,4 @@ const commands = {
   },
 }
 
-serveCommands(commands, { index })
+serveCommands(commands, { event: "ready", index })
