@@ -507,6 +507,22 @@ fn k_messages_in_one_batch_make_one_persist() {
     }
     net.deliver_all();
     assert_eq!(net.nodes[holder].inputs.len(), k);
+    // Each peer's message normally carries its one new change, but Automerge's sync
+    // protocol filters what it sends through the holder's Bloom filter, and a false
+    // positive (about 1% per change) holds a change back until the next round. Count
+    // what actually arrived: all of it must be applied in this one batch.
+    let carried: usize = net.nodes[holder]
+        .inputs
+        .iter()
+        .map(|i| match i {
+            Input::Received {
+                msg: Message::Sync { data, .. } | Message::Request { data, .. },
+                ..
+            } => SyncMessage::decode(data).unwrap().changes.len(),
+            _ => 0,
+        })
+        .sum();
+    assert!(carried >= 2, "only {carried} of {k} changes were sent");
     let before = net.nodes[holder].persist_count;
     net.run_node(holder);
     assert_eq!(
@@ -514,9 +530,11 @@ fn k_messages_in_one_batch_make_one_persist() {
         1,
         "one chunk for K messages"
     );
-    assert_eq!(net.heads(holder, &doc).unwrap().len(), k);
+    // The peers' changes are concurrent, so each one applied is a head of its own.
+    assert_eq!(net.heads(holder, &doc).unwrap().len(), carried);
     net.settle();
     let heads = net.heads(holder, &doc);
+    assert_eq!(heads.as_ref().map(Vec::len), Some(k), "every edit arrives");
     for p in &peers {
         assert_eq!(net.heads(*p, &doc), heads);
     }
