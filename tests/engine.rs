@@ -434,6 +434,78 @@ fn corrupt_change_bytes_close_only_that_connection() {
     assert_eq!(peers, vec![relay_b]);
 }
 
+/// A Bloom filter that claims entries but carries no bits decodes fine, but Automerge
+/// divides by zero the next time it looks a hash up in it (found by the `sync_message` fuzz
+/// target). Such a message, and one whose filter asks for billions of probes, closes only
+/// its connection; the relay goes on serving the document.
+#[test]
+fn a_malformed_bloom_filter_closes_only_that_connection() {
+    use automerge::sync::{BloomFilter, Have};
+    // (entries, bits per entry, probes) as LEB128, then the bits.
+    let no_bits = BloomFilter::try_from(&[1u8, 0, 7][..]).unwrap();
+    let many_probes =
+        BloomFilter::try_from(&[1u8, 10, 0xff, 0xff, 0xff, 0xff, 0x0f, 0, 0][..]).unwrap();
+    for bloom in [no_bits, many_probes] {
+        let mut net = Net::new();
+        let relay = net.add(relay_config("relay"));
+        let a = net.add(peer_config("a"));
+        let b = net.add(peer_config("b"));
+        let (_, relay_a) = net.connect(a, relay);
+        let (_, relay_b) = net.connect(b, relay);
+        let doc = DocumentId::random();
+        net.push(
+            a,
+            Input::Create {
+                doc,
+                automerge: note("base"),
+            },
+        );
+        net.settle();
+        net.push(b, Input::Find { doc });
+        net.settle();
+        let heads = net.heads(relay, &doc).unwrap();
+        let msg = SyncMessage {
+            heads: heads.clone(),
+            need: Vec::new(),
+            have: vec![Have {
+                last_sync: Vec::new(),
+                bloom,
+            }],
+            changes: ChunkList::empty(),
+            flags: None,
+            version: automerge::sync::MessageVersion::V1,
+        };
+        net.push(
+            relay,
+            Input::Received {
+                conn: relay_a,
+                msg: Message::Sync {
+                    sender_id: PeerId::new("a"),
+                    target_id: PeerId::new("relay"),
+                    document_id: doc,
+                    data: msg.encode(),
+                },
+            },
+        );
+        // The relay has a change `a` lacks, so answering would consult the filter.
+        edit(&net, b, &doc, "new ");
+        net.push(b, Input::LocalChange { doc });
+        net.settle();
+        assert!(has_event(&net, relay, |e| matches!(
+            e,
+            Event::PeerError { conn, error } if *conn == relay_a && error.to_string().contains("Bloom")
+        )));
+        assert_eq!(net.heads(relay, &doc), net.heads(b, &doc));
+        assert_ne!(net.heads(relay, &doc), Some(heads));
+        let peers: Vec<ConnId> = net.nodes[relay]
+            .engine
+            .connected_peers()
+            .map(|(c, _)| c)
+            .collect();
+        assert_eq!(peers, vec![relay_b]);
+    }
+}
+
 // ---- durability and coalescing --------------------------------------------------------
 
 #[test]

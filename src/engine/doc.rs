@@ -279,13 +279,15 @@ impl DocEntry {
             if !self.peers.contains_key(&m.conn) {
                 continue;
             }
-            match SyncMessage::decode(&m.data) {
+            match SyncMessage::decode(&m.data)
+                .map_err(|e| e.to_string())
+                .and_then(|msg| match bad_bloom(&msg) {
+                    Some(why) => Err(why),
+                    None => Ok(msg),
+                }) {
                 Ok(msg) => decoded.push((m.conn, msg)),
                 Err(e) => {
-                    let error = EngineError::BadSyncMessage {
-                        doc: id,
-                        reason: e.to_string(),
-                    };
+                    let error = EngineError::BadSyncMessage { doc: id, reason: e };
                     out.close.push((m.conn, error.to_string()));
                     out.effects.push(Effect::Event(Event::PeerError {
                         conn: m.conn,
@@ -606,6 +608,46 @@ impl DocEntry {
             && Arc::strong_count(&self.doc) == 1
             && self.persist_heads == self.doc.lock().get_heads()
     }
+}
+
+/// Most probes a peer's Bloom filter may ask for (Automerge uses 7): each lookup costs one
+/// step per probe, so a filter that asks for billions is a way to stall us.
+const MAX_BLOOM_PROBES: u64 = 64;
+
+/// Why a sync message's Bloom filters would make Automerge panic or stall when we next
+/// answer the peer, if they would. `SyncMessage::decode` accepts a filter that claims
+/// entries but has no bits (zero bits per entry): looking a hash up in it divides by zero
+/// (automerge 0.12 `BloomFilter::get_probes`), which a peer could use to crash a relay. The
+/// fields are private, so this reads them back from the filter's encoding: three LEB128
+/// numbers (entries, bits per entry, probes) and the bits; empty for an empty filter.
+fn bad_bloom(msg: &SyncMessage) -> Option<String> {
+    for have in &msg.have {
+        let bytes = have.bloom.to_bytes();
+        let mut fields = [0u64; 3];
+        let mut rest = &bytes[..];
+        for field in fields.iter_mut() {
+            match leb128::read::unsigned(&mut rest) {
+                Ok(v) => *field = v,
+                // `to_bytes` of an empty filter is empty; anything else decoded already.
+                Err(_) => return (!bytes.is_empty()).then(|| "an unreadable Bloom filter".into()),
+            }
+        }
+        let [entries, bits_per_entry, probes] = fields;
+        if entries == 0 {
+            continue;
+        }
+        if rest.is_empty() || bits_per_entry == 0 {
+            return Some(format!(
+                "a Bloom filter of {entries} entries without bits ({bits_per_entry} bits per entry)"
+            ));
+        }
+        if probes > MAX_BLOOM_PROBES {
+            return Some(format!(
+                "a Bloom filter asking for {probes} probes per lookup (at most {MAX_BLOOM_PROBES})"
+            ));
+        }
+    }
+    None
 }
 
 /// Why an entry of a sync message's `changes` holds a damaged change, if it does. An entry
