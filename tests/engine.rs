@@ -855,3 +855,103 @@ fn without_a_schema_the_engine_never_repairs() {
     assert!(!has_event(&net, a, |e| matches!(e, Event::Repair(_))));
     assert!(!has_event(&net, b, |e| matches!(e, Event::Repair(_))));
 }
+
+// ---- apply pacing -----------------------------------------------------------------------
+
+/// A cost clock under which every apply seems to take `apply_ms` (an apply reads the clock
+/// before and after; each reading moves it on by `apply_ms`).
+fn fake_cost(apply_ms: u64) -> sheafdb::engine::CostClock {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let t = std::sync::Arc::new(AtomicU64::new(0));
+    sheafdb::engine::CostClock(std::sync::Arc::new(move || {
+        t.fetch_add(apply_ms * 1000, Ordering::Relaxed)
+    }))
+}
+
+/// A relay with `apply_ms` applies, peers `a` and `b` sharing a note through it.
+fn paced_net(apply_ms: u64) -> (Net, usize, usize, usize, DocumentId) {
+    let mut net = Net::new();
+    let mut config = relay_config("relay");
+    config.cost_clock = Some(fake_cost(apply_ms));
+    let relay = net.add(config);
+    let a = net.add(peer_config("a"));
+    let b = net.add(peer_config("b"));
+    net.connect(a, relay);
+    net.connect(b, relay);
+    let doc = DocumentId::random();
+    net.push(
+        a,
+        Input::Create {
+            doc,
+            automerge: note("base"),
+        },
+    );
+    net.settle();
+    net.push(b, Input::Find { doc });
+    net.settle();
+    (net, relay, a, b, doc)
+}
+
+fn type_into(net: &mut Net, node: usize, doc: &DocumentId, s: &str) {
+    edit(net, node, doc, s);
+    net.push(node, Input::LocalChange { doc: *doc });
+    net.settle();
+}
+
+/// After an apply that took 20 ms the relay applies nothing for 20 + 2 x 20 ms: what
+/// arrives meanwhile waits in the inbox (and in a deadline, so a tick applies it) and is
+/// then applied in one call, one chunk.
+#[test]
+fn an_expensive_apply_holds_the_next_one_and_coalesces_what_arrives() {
+    let (mut net, relay, a, b, doc) = paced_net(20);
+    type_into(&mut net, a, &doc, "a1 ");
+    assert_eq!(
+        net.heads(relay, &doc),
+        net.heads(a, &doc),
+        "the first apply is not held"
+    );
+    let t = net.now;
+    type_into(&mut net, b, &doc, "b1 ");
+    type_into(&mut net, a, &doc, "a2 ");
+    assert_ne!(net.heads(relay, &doc), net.heads(b, &doc), "held");
+    assert_eq!(
+        net.nodes[relay].engine.next_deadline(),
+        Some(t.plus(60)),
+        "a tick is due when the pause ends"
+    );
+    let persists = net.nodes[relay].persist_count;
+    net.advance(59);
+    net.settle();
+    assert_ne!(
+        net.heads(relay, &doc),
+        net.heads(b, &doc),
+        "still held at 59 ms"
+    );
+    net.advance(1);
+    net.settle();
+    assert_eq!(
+        net.nodes[relay].persist_count - persists,
+        1,
+        "one chunk for both"
+    );
+    let heads = net.heads(relay, &doc);
+    assert_eq!(
+        heads.as_ref().map(Vec::len),
+        Some(2),
+        "b1 and a2 are both there"
+    );
+    assert_eq!(net.heads(a, &doc), heads);
+    assert_eq!(net.heads(b, &doc), heads);
+}
+
+/// Cheap applies (below `ApplyPacing::min_cost_us`, as on a short note) are never held.
+#[test]
+fn a_cheap_apply_is_not_held() {
+    let (mut net, relay, a, b, doc) = paced_net(2);
+    for i in 0..5 {
+        type_into(&mut net, a, &doc, &format!("a{i} "));
+        type_into(&mut net, b, &doc, &format!("b{i} "));
+        assert_eq!(net.heads(relay, &doc), net.heads(b, &doc));
+        assert_eq!(net.heads(a, &doc), net.heads(b, &doc));
+    }
+}

@@ -11,8 +11,9 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Args as ClapArgs, Parser, Subcommand};
 use sheafdb::auth::{Claims, DocScope, Key, Keyring, KEYS_ENV};
+use sheafdb::engine::{ApplyPacing, EngineConfig};
 use sheafdb::relay::{MetricType, Metrics, RateLimit, ServerConfig};
-use sheafdb::{AutomergeUrl, Repo, RepoConfig};
+use sheafdb::{AutomergeUrl, PeerId, Repo, RepoConfig};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -108,6 +109,14 @@ struct Args {
     /// Cache size for sled, in MiB.
     #[arg(long, env = "SHEAF_CACHE_MIB", default_value_t = 64)]
     cache_mib: u64,
+    /// After applying remote changes to a document took T (when T is over 3 ms: a long
+    /// text), apply nothing more to it for FACTOR x T, so what arrives meanwhile is applied
+    /// in one call. 0 turns pacing off.
+    #[arg(long, env = "SHEAF_APPLY_PACING", default_value_t = ApplyPacing::default().factor)]
+    apply_pacing: u64,
+    /// The longest pause apply pacing makes, in milliseconds.
+    #[arg(long, env = "SHEAF_APPLY_PACING_MAX_MS", default_value_t = ApplyPacing::default().max_ms)]
+    apply_pacing_max_ms: u64,
     #[command(flatten)]
     keys: KeyArgs,
     /// Serve a non-loopback address without tokens: anyone who knows a document id can
@@ -197,6 +206,13 @@ async fn serve(args: Args) -> anyhow::Result<()> {
 
     let mut config = RepoConfig::relay();
     config.store.cache_capacity_bytes = args.cache_mib * 1024 * 1024;
+    let mut engine = EngineConfig::relay(PeerId::random(), None);
+    engine.apply_pacing = ApplyPacing {
+        factor: args.apply_pacing,
+        max_ms: args.apply_pacing_max_ms,
+        ..ApplyPacing::default()
+    };
+    config.engine = Some(engine);
     let repo = Repo::open_with(&args.data_dir, config)
         .with_context(|| format!("opening data directory {}", args.data_dir.display()))?;
 

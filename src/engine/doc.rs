@@ -101,6 +101,8 @@ pub(super) struct DocEntry {
     /// The document changed other than through its handles (remote changes applied, loaded,
     /// created): check the schema's invariants in this step.
     needs_check: bool,
+    /// The inbox is not applied before this (see [`super::ApplyPacing`]).
+    next_apply_at: Millis,
 }
 
 /// What a step produced, for the engine to carry out.
@@ -117,6 +119,7 @@ fn blank(now: Millis, phase: DocPhase, doc: Automerge) -> DocEntry {
         doc: Arc::new(parking_lot::Mutex::new(doc)),
         peers: BTreeMap::new(),
         inbox: Vec::new(),
+        next_apply_at: Millis(0),
         local_want: false,
         requesting_since: now,
         last_activity: now,
@@ -227,6 +230,9 @@ impl DocEntry {
                 at(s.plus(config.max_hold_ms));
             }
         }
+        if !self.inbox.is_empty() && self.phase != DocPhase::Loading {
+            at(self.next_apply_at);
+        }
         if self.idle() {
             at(self.last_activity.plus(config.evict_idle_ms));
         }
@@ -244,8 +250,8 @@ impl DocEntry {
         if self.phase == DocPhase::Loading {
             return;
         }
-        if !self.gated(config) {
-            self.apply_inbox(id, out);
+        if !self.gated(config) && now >= self.next_apply_at {
+            self.apply_inbox(now, id, config, out);
         }
         if std::mem::take(&mut self.needs_check) {
             self.enforce(now, id, config, out);
@@ -269,7 +275,13 @@ impl DocEntry {
 
     /// Apply every queued message's changes in one call, then run each message's
     /// bookkeeping without its changes.
-    fn apply_inbox(&mut self, id: DocumentId, out: &mut StepOutput) {
+    fn apply_inbox(
+        &mut self,
+        now: Millis,
+        id: DocumentId,
+        config: &EngineConfig,
+        out: &mut StepOutput,
+    ) {
         if self.inbox.is_empty() {
             return;
         }
@@ -330,7 +342,20 @@ impl DocEntry {
         let mut bad: Vec<ConnId> = rejected;
         let heads_before = doc.get_heads();
         let was_empty = heads_before.is_empty();
-        if !all.is_empty() && doc.load_incremental(&all).is_ok() {
+        let started = config.cost_clock.as_ref().map(|c| (c.0)());
+        let applied = !all.is_empty() && doc.load_incremental(&all).is_ok();
+        if let (Some(clock), Some(started)) = (&config.cost_clock, started) {
+            // A first copy is a load, not an edit: it says nothing about the next apply.
+            if !all.is_empty() && !was_empty {
+                let cost = (clock.0)().saturating_sub(started);
+                // `now` is when this step began; the apply ended about `cost` later.
+                self.next_apply_at = match config.apply_pacing.pause_ms(cost) {
+                    0 => now,
+                    pause => now.plus(cost / 1000 + pause),
+                };
+            }
+        }
+        if applied {
             if was_empty && bad.is_empty() {
                 // A fresh copy arrived whole: store the bytes as they came instead of
                 // saving the document again (a second full encode of a big note).

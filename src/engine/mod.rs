@@ -2,7 +2,7 @@
 //!
 //! The engine holds every loaded document, every connection's handshake state and the
 //! Automerge sync state of each (peer, document) pair. It never touches a socket, sled or a
-//! clock: the runtime (or the deterministic simulator, or the fuzz harness) feeds it
+//! clock (but for measuring apply costs, below): the runtime (or the deterministic simulator, or the fuzz harness) feeds it
 //! [`Input`]s with the current time and carries out the [`Effect`]s it returns, feeding the
 //! answers (a document loaded, a chunk durable) back in as inputs.
 //!
@@ -16,6 +16,13 @@
 //! without its changes, the new changes become one storage chunk, and each peer gets at
 //! most one message with everything new. A runtime that drains its whole input queue into
 //! one batch gets coalescing for free, and under load the batches grow.
+//!
+//! Batches alone only coalesce what arrives *while* the engine is busy. On a relay, where
+//! each typist's keystrokes arrive as their own messages, a long note would still cost a
+//! whole apply per message, and one core per hot note. So a relay paces expensive applies
+//! ([`ApplyPacing`]): after an apply that took T (measured with [`EngineConfig::cost_clock`],
+//! the one clock the engine reads, injected so the simulator can fake it), the document's
+//! inbox waits 2 x T (at most 200 ms) before the next, and a deadline brings it back.
 //!
 //! # Durability before advertising
 //!
@@ -41,7 +48,8 @@ mod types;
 
 pub use doc::{DocPhase, PeerSyncStatus};
 pub use types::{
-    Denied, Effect, EngineConfig, EngineError, Event, Input, Loaded, Millis, SharedDoc,
+    ApplyPacing, CostClock, Denied, Effect, EngineConfig, EngineError, Event, Input, Loaded,
+    Millis, SharedDoc,
 };
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};

@@ -68,6 +68,80 @@ pub struct EngineConfig {
     /// `(clock_offset_ms + now) / 1000` seconds, as handles stamp theirs. The runtime sets
     /// it when it starts; 0 in the simulator.
     pub clock_offset_ms: i64,
+    /// Measures how long applying remote changes takes, for [`EngineConfig::apply_pacing`].
+    /// `None` (the simulator's default): no pacing. The runtime passes a monotonic clock.
+    pub cost_clock: Option<CostClock>,
+    /// How a document whose remote applies are expensive is kept from taking a core.
+    pub apply_pacing: ApplyPacing,
+}
+
+/// A monotonic clock in microseconds, used only to measure what an apply cost (time is
+/// otherwise passed in as `now`, so a simulator can fake this one too).
+#[derive(Clone)]
+pub struct CostClock(pub Arc<dyn Fn() -> u64 + Send + Sync>);
+
+impl std::fmt::Debug for CostClock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CostClock")
+    }
+}
+
+impl CostClock {
+    /// Microseconds since this clock was made, from `std::time::Instant`.
+    pub fn monotonic() -> Self {
+        let start = std::time::Instant::now();
+        Self(Arc::new(move || start.elapsed().as_micros() as u64))
+    }
+}
+
+/// Apply pacing. Automerge 0.12 applies a batch of remote changes to a long text in time
+/// proportional to the text, however few changes the batch holds (about 25-45 ms on the
+/// 260k-op automerge-paper note; `../shared/NOTES.md` section 2). A document's inbox is
+/// applied in one call per step, but when messages keep arriving one at a time, every one
+/// would still cost a whole apply. So after an apply that took `cost`, the document's next
+/// apply waits until `factor * cost` more has passed (capped at `max_ms`): the inbox fills
+/// meanwhile and is applied in one call, one core is never spent on one note, and a
+/// document whose applies are cheap (below `min_cost_us`) is never held at all.
+///
+/// Relays pace (the default); peers do not ([`ApplyPacing::off`]). A peer behind a relay gets
+/// at most one message per relay apply anyway, and a peer that also paced would answer the
+/// relay later, and the relay holds what is new for a peer until it answers
+/// ([`EngineConfig::max_hold_ms`]): the two pauses add up. Measured on the long-note bench
+/// (K = 4 typists): pacing in the relay only took p50/p99 from 408/778 ms to 266/555 ms;
+/// pacing in the clients too gave 427/803 ms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApplyPacing {
+    pub factor: u64,
+    pub max_ms: u64,
+    pub min_cost_us: u64,
+}
+
+impl Default for ApplyPacing {
+    fn default() -> Self {
+        Self {
+            factor: 2,
+            max_ms: 200,
+            min_cost_us: 3_000,
+        }
+    }
+}
+
+impl ApplyPacing {
+    /// Never hold an apply.
+    pub fn off() -> Self {
+        Self {
+            factor: 0,
+            ..Self::default()
+        }
+    }
+
+    /// How long to wait after an apply that took `cost_us` before the next one.
+    pub fn pause_ms(&self, cost_us: u64) -> u64 {
+        if cost_us < self.min_cost_us {
+            return 0;
+        }
+        (cost_us.saturating_mul(self.factor) / 1000).min(self.max_ms)
+    }
 }
 
 impl EngineConfig {
@@ -87,13 +161,16 @@ impl EngineConfig {
             schema: Schema::default(),
             repair_actor: None,
             clock_offset_ms: 0,
+            cost_clock: None,
+            apply_pacing: ApplyPacing::off(),
         }
     }
 
-    /// Defaults for a relay (never announces).
+    /// Defaults for a relay (never announces; paces applies on expensive documents).
     pub fn relay(peer_id: PeerId, storage_id: Option<StorageId>) -> Self {
         Self {
             announce: false,
+            apply_pacing: ApplyPacing::default(),
             ..Self::peer(peer_id, storage_id)
         }
     }

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use automerge::Automerge;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::engine::{Effect, Engine, EngineConfig, Event, Input, Loaded, Millis, SharedDoc};
+use crate::engine::{
+    CostClock, Effect, Engine, EngineConfig, Event, Input, Loaded, Millis, SharedDoc,
+};
 use crate::id::DocumentId;
 use crate::net::{ConnId, Direction, Outgoing};
 use crate::store::{Store, WriteOp};
@@ -101,6 +103,9 @@ pub(super) fn spawn(
             config.clock_offset_ms = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+            if config.cost_clock.is_none() {
+                config.cost_clock = Some(CostClock::monotonic());
+            }
             let mut d = Driver {
                 engine: Engine::new(config),
                 inner,
