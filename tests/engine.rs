@@ -955,3 +955,43 @@ fn a_cheap_apply_is_not_held() {
         assert_eq!(net.heads(a, &doc), net.heads(b, &doc));
     }
 }
+
+// ---- cancelled finds --------------------------------------------------------------------
+
+/// A find that gave up drops a document that never arrived, even one that peers were asked
+/// for; a document that did arrive stays (eviction takes it when it goes quiet).
+#[test]
+fn a_cancelled_find_forgets_a_document_that_never_arrived() {
+    let mut net = Net::new();
+    let relay = net.add(relay_config("relay"));
+    let a = net.add(peer_config("a"));
+    net.connect(a, relay);
+    let missing = DocumentId::random();
+    net.push(a, Input::Find { doc: missing });
+    net.settle();
+    assert_eq!(
+        net.nodes[a].engine.loaded_count(),
+        1,
+        "asked the relay, still waiting"
+    );
+    net.push(a, Input::CancelFind { doc: missing });
+    net.settle();
+    assert_eq!(net.nodes[a].engine.loaded_count(), 0);
+    assert!(net.nodes[a].engine.document(&missing).is_none());
+
+    let doc = DocumentId::random();
+    net.push(
+        a,
+        Input::Create {
+            doc,
+            automerge: note("here"),
+        },
+    );
+    net.settle();
+    net.push(a, Input::CancelFind { doc });
+    net.settle();
+    assert!(
+        net.nodes[a].engine.document(&doc).is_some(),
+        "a document we have stays"
+    );
+}

@@ -91,6 +91,62 @@ async fn unknown_ids_garbage_imports_and_deletes() {
     assert_eq!(repo.list().unwrap(), vec![copy.id()]);
 }
 
+/// A `find` that timed out is forgotten: an app that looks up many ids nobody has (offline,
+/// or stale links) must not keep one entry per id in memory forever. A second find of the
+/// same id still waits while the first has given up, and may still succeed.
+#[tokio::test]
+async fn timed_out_finds_leave_nothing_in_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = RepoConfig {
+        find_timeout: Duration::from_millis(100),
+        ..RepoConfig::default()
+    };
+    let repo = Repo::open_with(dir.path(), config).unwrap();
+    for _ in 0..20 {
+        assert!(matches!(
+            repo.find(DocumentId::random()).await,
+            Err(RepoError::FindTimeout { .. })
+        ));
+    }
+    // Each timeout sends its cancellation before it returns; the driver handles commands
+    // in order, so the count below already reflects all twenty.
+    assert_eq!(
+        repo.loaded_documents().await,
+        0,
+        "timed-out finds stay in memory"
+    );
+
+    // Two finds of one id, the second started later: the first timing out must not drop the
+    // document the second still waits for. (Here nobody has it either, so it times out too.)
+    let dir = tempfile::tempdir().unwrap();
+    let config = RepoConfig {
+        find_timeout: Duration::from_millis(400),
+        ..RepoConfig::default()
+    };
+    let repo = Repo::open_with(dir.path(), config).unwrap();
+    let id = DocumentId::random();
+    let (first, second) = tokio::join!(repo.find(id), async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let r = repo.find(id);
+        tokio::pin!(r);
+        // At 500 ms the first has timed out (at 400) and the second still waits (until 600).
+        tokio::select! {
+            biased;
+            _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+            r = &mut r => panic!("the second find ended with the first: {:?}", r.map(|h| h.id())),
+        }
+        assert_eq!(
+            repo.loaded_documents().await,
+            1,
+            "dropped while a find waits"
+        );
+        r.await
+    });
+    assert!(matches!(first, Err(RepoError::FindTimeout { .. })));
+    assert!(matches!(second, Err(RepoError::FindTimeout { .. })));
+    assert_eq!(repo.loaded_documents().await, 0);
+}
+
 #[tokio::test]
 async fn a_failed_change_is_rolled_back() {
     let repo = Repo::temporary(RepoConfig::default()).unwrap();

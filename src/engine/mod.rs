@@ -188,6 +188,7 @@ impl Engine {
             }
             Input::Create { doc, automerge } => self.create(now, doc, automerge),
             Input::Find { doc } => self.find(now, doc),
+            Input::CancelFind { doc } => self.cancel_find(doc),
             Input::Loaded { doc, loaded } => self.loaded(now, doc, loaded),
             Input::Persisted { doc, seq, ok } => {
                 if let Some(d) = self.docs.get_mut(&doc) {
@@ -625,6 +626,28 @@ impl Engine {
                 self.docs.insert(id, d);
                 self.effects.push(Effect::Load { doc: id });
             }
+        }
+    }
+
+    fn cancel_find(&mut self, id: DocumentId) {
+        let Some(d) = self.docs.get_mut(&id) else {
+            return;
+        };
+        d.local_want = false;
+        let never_arrived = matches!(d.phase, DocPhase::Requesting | DocPhase::Unavailable)
+            && !d.has_content()
+            && d.inbox.is_empty()
+            && Arc::strong_count(&d.doc) == 1;
+        if never_arrived {
+            self.docs.remove(&id);
+            for c in self.conns.values_mut() {
+                c.docs.remove(&id);
+            }
+            self.touched.remove(&id);
+            self.effects.push(Effect::Event(Event::Evicted { doc: id }));
+        } else {
+            // Loading, or here after all: eviction takes it when it goes quiet.
+            self.touched.insert(id);
         }
     }
 

@@ -213,6 +213,12 @@ pub enum Input {
     Find {
         doc: DocumentId,
     },
+    /// Every local `find` of this document gave up (timed out): nobody here waits for it
+    /// any more. A document that never arrived is dropped from memory at once (a peer
+    /// that sends it later still gets it stored); one that did arrive is left to eviction.
+    CancelFind {
+        doc: DocumentId,
+    },
     /// The answer to [`Effect::Load`]; `None` = not in storage.
     Loaded {
         doc: DocumentId,

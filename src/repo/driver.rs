@@ -68,6 +68,10 @@ pub(crate) enum Cmd {
         id: DocumentId,
         reply: DocReply,
     },
+    /// A `find` of this document timed out (its reply channel is closed).
+    CancelFind {
+        id: DocumentId,
+    },
     WaitSaved {
         id: DocumentId,
         reply: oneshot::Sender<Result<(), RepoError>>,
@@ -274,6 +278,16 @@ impl Driver {
                     Cmd::Find { id, reply } => {
                         self.finds.entry(id).or_default().push(reply);
                         inputs.push(Input::Find { doc: id });
+                    }
+                    Cmd::CancelFind { id } => {
+                        // Other finds of the same document may still be waiting.
+                        if let Some(waiting) = self.finds.get_mut(&id) {
+                            waiting.retain(|r| !r.is_closed());
+                            if waiting.is_empty() {
+                                self.finds.remove(&id);
+                                inputs.push(Input::CancelFind { doc: id });
+                            }
+                        }
                     }
                     Cmd::Stop { reply } => {
                         stop = Some(reply);

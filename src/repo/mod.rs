@@ -289,11 +289,18 @@ impl Repo {
         let (reply, rx) = oneshot::channel();
         self.inner.send(Cmd::Find { id, reply })?;
         let after = self.inner.config.find_timeout;
-        match tokio::time::timeout(after, rx).await {
+        // Bound first, so the reply channel is dropped before a timeout is reported.
+        let answer = tokio::time::timeout(after, rx).await;
+        match answer {
             Ok(Ok(Ok(shared))) => Ok(DocHandle::new(self.clone(), id, shared)),
             Ok(Ok(Err(e))) => Err(e),
             Ok(Err(_)) => Err(RepoError::Closed),
-            Err(_) => Err(RepoError::FindTimeout { id, after }),
+            Err(_) => {
+                // Let the runtime forget it (the reply channel is dropped by now), or a
+                // document nobody has would stay in memory, asked for, forever.
+                let _ = self.inner.send(Cmd::CancelFind { id });
+                Err(RepoError::FindTimeout { id, after })
+            }
         }
     }
 
