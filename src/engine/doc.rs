@@ -230,7 +230,8 @@ impl DocEntry {
                 at(s.plus(config.max_hold_ms));
             }
         }
-        if !self.inbox.is_empty() && self.phase != DocPhase::Loading {
+        // A paced inbox. (While a chunk is in flight, `Persisted` steps the document.)
+        if !self.inbox.is_empty() && self.phase != DocPhase::Loading && !self.gated(config) {
             at(self.next_apply_at);
         }
         if self.idle() {
