@@ -979,6 +979,15 @@ fn a_cancelled_find_forgets_a_document_that_never_arrived() {
     assert_eq!(net.nodes[a].engine.loaded_count(), 0);
     assert!(net.nodes[a].engine.document(&missing).is_none());
 
+    // Cancelled while storage was still looking for it.
+    let missing = DocumentId::random();
+    net.push(a, Input::Find { doc: missing });
+    net.push(a, Input::CancelFind { doc: missing });
+    net.run_node(a);
+    assert_eq!(net.nodes[a].engine.loaded_count(), 1, "loading");
+    net.settle();
+    assert_eq!(net.nodes[a].engine.loaded_count(), 0);
+
     let doc = DocumentId::random();
     net.push(
         a,

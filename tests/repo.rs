@@ -108,8 +108,8 @@ async fn timed_out_finds_leave_nothing_in_memory() {
             Err(RepoError::FindTimeout { .. })
         ));
     }
-    // Each timeout sends its cancellation before it returns; the driver handles commands
-    // in order, so the count below already reflects all twenty.
+    // A cancellation that arrives while storage is still looking waits for its answer.
+    settle_loaded(&repo).await;
     assert_eq!(
         repo.loaded_documents().await,
         0,
@@ -144,7 +144,16 @@ async fn timed_out_finds_leave_nothing_in_memory() {
     });
     assert!(matches!(first, Err(RepoError::FindTimeout { .. })));
     assert!(matches!(second, Err(RepoError::FindTimeout { .. })));
+    settle_loaded(&repo).await;
     assert_eq!(repo.loaded_documents().await, 0);
+}
+
+/// Wait (at most 10 s) until no document is loaded.
+async fn settle_loaded(repo: &Repo) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while repo.loaded_documents().await > 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 #[tokio::test]

@@ -639,16 +639,21 @@ impl Engine {
             && d.inbox.is_empty()
             && Arc::strong_count(&d.doc) == 1;
         if never_arrived {
-            self.docs.remove(&id);
-            for c in self.conns.values_mut() {
-                c.docs.remove(&id);
-            }
-            self.touched.remove(&id);
-            self.effects.push(Effect::Event(Event::Evicted { doc: id }));
+            self.forget(id);
         } else {
             // Loading, or here after all: eviction takes it when it goes quiet.
             self.touched.insert(id);
         }
+    }
+
+    /// Drop a document that has nothing worth keeping from memory.
+    fn forget(&mut self, id: DocumentId) {
+        self.docs.remove(&id);
+        for c in self.conns.values_mut() {
+            c.docs.remove(&id);
+        }
+        self.touched.remove(&id);
+        self.effects.push(Effect::Event(Event::Evicted { doc: id }));
     }
 
     fn loaded(&mut self, now: Millis, id: DocumentId, loaded: Option<Loaded>) {
@@ -693,6 +698,10 @@ impl Engine {
                     d.become_ready(Automerge::new(), Vec::new(), HashMap::new());
                     self.effects
                         .push(Effect::Event(Event::DocReady { doc: id }));
+                } else if !d.local_want && d.inbox.is_empty() {
+                    // The find that asked for it was cancelled while it loaded: nobody
+                    // wants it any more.
+                    self.forget(id);
                 } else {
                     self.start_requesting(now, id);
                 }
