@@ -81,18 +81,33 @@ struct Inner {
     writer: Mutex<Option<JoinHandle<()>>>,
 }
 
+/// How long [`Store::open`] retries a directory whose lock is held.
+pub const LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(1_000);
+
 impl Store {
     /// Opens (or creates) the store in directory `path`.
     ///
     /// Fails with [`StoreError::Locked`] if another process, or another `Store` in this
-    /// process, has it open.
+    /// process, has it open. Reopening right after the last clone of a `Store` was dropped
+    /// works: sled's background IO threads may hold the database file (and so its lock) a
+    /// moment longer, so a lock held is retried for up to [`LOCK_RETRY`] before it is
+    /// reported.
     pub fn open(path: impl AsRef<Path>, config: StoreConfig) -> Result<Store, StoreError> {
         let path = path.as_ref();
-        let db = sled::Config::new()
-            .path(path)
-            .cache_capacity(config.cache_capacity_bytes)
-            .open()
-            .map_err(|e| map_open_error(path, e))?;
+        let give_up = std::time::Instant::now() + LOCK_RETRY;
+        let db = loop {
+            let opened = sled::Config::new()
+                .path(path)
+                .cache_capacity(config.cache_capacity_bytes)
+                .open()
+                .map_err(|e| map_open_error(path, e));
+            match opened {
+                Err(StoreError::Locked { .. }) if std::time::Instant::now() < give_up => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => break other?,
+            }
+        };
         let counters = Arc::new(Counters::default());
         let durability = Durability::open(path, &counters)?;
         Self::start(db, Some(durability), config, counters)
