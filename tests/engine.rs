@@ -352,12 +352,21 @@ fn ephemeral_is_forwarded_to_other_peers_once() {
     assert!(!sent_types(&net, relay).contains(&"ephemeral"));
 }
 
-// ---- corrupt changes ------------------------------------------------------------------
+/// Peers `a` and `b` sharing a note (created by `a`, found by `b`) through a relay.
+struct Shared {
+    net: Net,
+    relay: usize,
+    a: usize,
+    b: usize,
+    /// The relay's ends of the two connections.
+    relay_a: ConnId,
+    relay_b: ConnId,
+    doc: DocumentId,
+}
 
-#[test]
-fn corrupt_change_bytes_close_only_that_connection() {
+fn shared_note(relay: sheafdb::engine::EngineConfig) -> Shared {
     let mut net = Net::new();
-    let relay = net.add(relay_config("relay"));
+    let relay = net.add(relay);
     let a = net.add(peer_config("a"));
     let b = net.add(peer_config("b"));
     let (_, relay_a) = net.connect(a, relay);
@@ -373,6 +382,30 @@ fn corrupt_change_bytes_close_only_that_connection() {
     net.settle();
     net.push(b, Input::Find { doc });
     net.settle();
+    Shared {
+        net,
+        relay,
+        a,
+        b,
+        relay_a,
+        relay_b,
+        doc,
+    }
+}
+
+// ---- corrupt changes ------------------------------------------------------------------
+
+#[test]
+fn corrupt_change_bytes_close_only_that_connection() {
+    let Shared {
+        mut net,
+        relay,
+        a,
+        b,
+        relay_a,
+        relay_b,
+        doc,
+    } = shared_note(relay_config("relay"));
     // A real change from `a`, with its bytes damaged.
     let mut other = net.nodes[a].engine.document(&doc).unwrap().lock().clone();
     other.set_actor(ActorId::from(vec![9; 16]));
@@ -446,23 +479,15 @@ fn a_malformed_bloom_filter_closes_only_that_connection() {
     let many_probes =
         BloomFilter::try_from(&[1u8, 10, 0xff, 0xff, 0xff, 0xff, 0x0f, 0, 0][..]).unwrap();
     for bloom in [no_bits, many_probes] {
-        let mut net = Net::new();
-        let relay = net.add(relay_config("relay"));
-        let a = net.add(peer_config("a"));
-        let b = net.add(peer_config("b"));
-        let (_, relay_a) = net.connect(a, relay);
-        let (_, relay_b) = net.connect(b, relay);
-        let doc = DocumentId::random();
-        net.push(
-            a,
-            Input::Create {
-                doc,
-                automerge: note("base"),
-            },
-        );
-        net.settle();
-        net.push(b, Input::Find { doc });
-        net.settle();
+        let Shared {
+            mut net,
+            relay,
+            b,
+            relay_a,
+            relay_b,
+            doc,
+            ..
+        } = shared_note(relay_config("relay"));
         let heads = net.heads(relay, &doc).unwrap();
         let msg = SyncMessage {
             heads: heads.clone(),
@@ -870,26 +895,10 @@ fn fake_cost(apply_ms: u64) -> sheafdb::engine::CostClock {
 
 /// A relay with `apply_ms` applies, peers `a` and `b` sharing a note through it.
 fn paced_net(apply_ms: u64) -> (Net, usize, usize, usize, DocumentId) {
-    let mut net = Net::new();
     let mut config = relay_config("relay");
     config.cost_clock = Some(fake_cost(apply_ms));
-    let relay = net.add(config);
-    let a = net.add(peer_config("a"));
-    let b = net.add(peer_config("b"));
-    net.connect(a, relay);
-    net.connect(b, relay);
-    let doc = DocumentId::random();
-    net.push(
-        a,
-        Input::Create {
-            doc,
-            automerge: note("base"),
-        },
-    );
-    net.settle();
-    net.push(b, Input::Find { doc });
-    net.settle();
-    (net, relay, a, b, doc)
+    let s = shared_note(config);
+    (s.net, s.relay, s.a, s.b, s.doc)
 }
 
 fn type_into(net: &mut Net, node: usize, doc: &DocumentId, s: &str) {
