@@ -2,9 +2,10 @@
 //!
 //! The engine holds every loaded document, every connection's handshake state and the
 //! Automerge sync state of each (peer, document) pair. It never touches a socket, sled or a
-//! clock (but for measuring apply costs, below): the runtime (or the deterministic simulator, or the fuzz harness) feeds it
-//! [`Input`]s with the current time and carries out the [`Effect`]s it returns, feeding the
-//! answers (a document loaded, a chunk durable) back in as inputs.
+//! clock (but for measuring apply costs, below): the runtime (or the deterministic
+//! simulator, or the fuzz harness) feeds it [`Input`]s with the current time and carries out
+//! the [`Effect`]s it returns, feeding the answers (a document loaded, a chunk durable) back
+//! in as inputs.
 //!
 //! # Why batches
 //!
