@@ -478,7 +478,14 @@ fn a_malformed_bloom_filter_closes_only_that_connection() {
     let no_bits = BloomFilter::try_from(&[1u8, 0, 7][..]).unwrap();
     let many_probes =
         BloomFilter::try_from(&[1u8, 10, 0xff, 0xff, 0xff, 0xff, 0x0f, 0, 0][..]).unwrap();
-    for bloom in [no_bits, many_probes] {
+    let empty = BloomFilter::default();
+    // The bad filter alone, or behind a harmless empty one.
+    let cases = [
+        vec![no_bits.clone()],
+        vec![many_probes],
+        vec![empty, no_bits],
+    ];
+    for blooms in cases {
         let Shared {
             mut net,
             relay,
@@ -492,10 +499,13 @@ fn a_malformed_bloom_filter_closes_only_that_connection() {
         let msg = SyncMessage {
             heads: heads.clone(),
             need: Vec::new(),
-            have: vec![Have {
-                last_sync: Vec::new(),
-                bloom,
-            }],
+            have: blooms
+                .into_iter()
+                .map(|bloom| Have {
+                    last_sync: Vec::new(),
+                    bloom,
+                })
+                .collect(),
             changes: ChunkList::empty(),
             flags: None,
             version: automerge::sync::MessageVersion::V1,

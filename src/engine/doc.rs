@@ -649,13 +649,15 @@ const MAX_BLOOM_PROBES: u64 = 64;
 fn bad_bloom(msg: &SyncMessage) -> Option<String> {
     for have in &msg.have {
         let bytes = have.bloom.to_bytes();
+        if bytes.is_empty() {
+            continue; // an empty filter (no entries) encodes as nothing
+        }
         let mut fields = [0u64; 3];
         let mut rest = &bytes[..];
         for field in fields.iter_mut() {
             match leb128::read::unsigned(&mut rest) {
                 Ok(v) => *field = v,
-                // `to_bytes` of an empty filter is empty; anything else decoded already.
-                Err(_) => return (!bytes.is_empty()).then(|| "an unreadable Bloom filter".into()),
+                Err(_) => return Some("an unreadable Bloom filter".into()),
             }
         }
         let [entries, bits_per_entry, probes] = fields;
