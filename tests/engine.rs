@@ -74,6 +74,13 @@ fn edit(net: &Net, node: usize, doc: &DocumentId, s: &str) {
     tx.commit();
 }
 
+/// Edit on `node`, tell its engine, and let the network settle.
+fn type_into(net: &mut Net, node: usize, doc: &DocumentId, s: &str) {
+    edit(net, node, doc, s);
+    net.push(node, Input::LocalChange { doc: *doc });
+    net.settle();
+}
+
 fn has_event(net: &Net, node: usize, f: impl Fn(&Event) -> bool) -> bool {
     net.nodes[node].events.iter().any(f)
 }
@@ -455,9 +462,7 @@ fn corrupt_change_bytes_close_only_that_connection() {
     assert_eq!(net.heads(relay, &doc), before, "nothing of it applied");
     net.settle();
     // `b` still syncs.
-    edit(&net, b, &doc, "ok ");
-    net.push(b, Input::LocalChange { doc });
-    net.settle();
+    type_into(&mut net, b, &doc, "ok ");
     assert_eq!(net.heads(relay, &doc), net.heads(b, &doc));
     let peers: Vec<ConnId> = net.nodes[relay]
         .engine
@@ -523,9 +528,7 @@ fn a_malformed_bloom_filter_closes_only_that_connection() {
             },
         );
         // The relay has a change `a` lacks, so answering would consult the filter.
-        edit(&net, b, &doc, "new ");
-        net.push(b, Input::LocalChange { doc });
-        net.settle();
+        type_into(&mut net, b, &doc, "new ");
         assert!(has_event(&net, relay, |e| matches!(
             e,
             Event::PeerError { conn, error } if *conn == relay_a && error.to_string().contains("Bloom")
@@ -904,17 +907,10 @@ fn fake_cost(apply_ms: u64) -> sheafdb::engine::CostClock {
 }
 
 /// A relay with `apply_ms` applies, peers `a` and `b` sharing a note through it.
-fn paced_net(apply_ms: u64) -> (Net, usize, usize, usize, DocumentId) {
+fn paced_net(apply_ms: u64) -> Shared {
     let mut config = relay_config("relay");
     config.cost_clock = Some(fake_cost(apply_ms));
-    let s = shared_note(config);
-    (s.net, s.relay, s.a, s.b, s.doc)
-}
-
-fn type_into(net: &mut Net, node: usize, doc: &DocumentId, s: &str) {
-    edit(net, node, doc, s);
-    net.push(node, Input::LocalChange { doc: *doc });
-    net.settle();
+    shared_note(config)
 }
 
 /// After an apply that took 20 ms the relay applies nothing for 20 + 2 x 20 ms: what
@@ -922,7 +918,14 @@ fn type_into(net: &mut Net, node: usize, doc: &DocumentId, s: &str) {
 /// then applied in one call, one chunk.
 #[test]
 fn an_expensive_apply_holds_the_next_one_and_coalesces_what_arrives() {
-    let (mut net, relay, a, b, doc) = paced_net(20);
+    let Shared {
+        mut net,
+        relay,
+        a,
+        b,
+        doc,
+        ..
+    } = paced_net(20);
     type_into(&mut net, a, &doc, "a1 ");
     assert_eq!(
         net.heads(relay, &doc),
@@ -966,7 +969,14 @@ fn an_expensive_apply_holds_the_next_one_and_coalesces_what_arrives() {
 /// Cheap applies (below `ApplyPacing::min_cost_us`, as on a short note) are never held.
 #[test]
 fn a_cheap_apply_is_not_held() {
-    let (mut net, relay, a, b, doc) = paced_net(2);
+    let Shared {
+        mut net,
+        relay,
+        a,
+        b,
+        doc,
+        ..
+    } = paced_net(2);
     for i in 0..5 {
         type_into(&mut net, a, &doc, &format!("a{i} "));
         type_into(&mut net, b, &doc, &format!("b{i} "));
