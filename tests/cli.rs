@@ -59,7 +59,11 @@ fn new_ls_cat_edit_log_export_import() {
     let script = tmp.path().join("write.sh");
     std::fs::write(&script, "#!/bin/sh\nprintf 'eggs 🥚\\nmilk\\n' > \"$1\"\n").unwrap();
     let editor = format!("sh {}", script.display());
-    ok(sheaf_env(&dir, &["edit", &url], &[("EDITOR", &editor)]));
+    ok(sheaf_env(
+        &dir,
+        &["edit", &url, "--message", "first list"],
+        &[("EDITOR", &editor)],
+    ));
     assert_eq!(
         ok(sheaf(&dir, &["cat", &url, "--text", "text"])),
         "eggs 🥚\nmilk\n"
@@ -71,7 +75,7 @@ fn new_ls_cat_edit_log_export_import() {
     );
     ok(sheaf_env(
         &dir,
-        &["edit", &url, "--key", "text"],
+        &["edit", &url, "--key", "text", "-m", "oat milk, not milk"],
         &[("EDITOR", "sed -i s/milk/oat-milk/")],
     ));
     assert_eq!(
@@ -89,6 +93,11 @@ fn new_ls_cat_edit_log_export_import() {
         lines[3].contains("seq=1") && lines[3].contains("ops=4"),
         "{log}"
     );
+    // the message of the sed edit ends its line; the others have none
+    // messages end their line (`edit --message` / `-m`); the other changes have none
+    assert!(lines[2].ends_with("] first list"), "{log}");
+    assert!(lines[3].ends_with("] oat milk, not milk"), "{log}");
+    assert!(lines[..2].iter().all(|l| l.ends_with(']')), "{log}");
     let first_edit = lines[2].split(' ').next().unwrap();
 
     // a URL with heads shows that version

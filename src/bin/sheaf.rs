@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
-use automerge::transaction::{Transactable, Transaction};
+use automerge::transaction::{CommitOptions, Transactable, Transaction};
 use automerge::{AutomergeError, ObjId, ObjType, ReadDoc, ScalarValue, Value, ROOT};
 use clap::{Parser, Subcommand};
 use sheafdb::engine::PeerSyncStatus;
@@ -46,6 +46,9 @@ enum Cmd {
         url: String,
         #[arg(long, default_value = "text")]
         key: String,
+        /// A message for the change, shown by `sheaf log`.
+        #[arg(short, long)]
+        message: Option<String>,
     },
     /// List a note's changes, oldest first.
     Log { url: String },
@@ -157,7 +160,7 @@ async fn command(repo: &Repo, cmd: Cmd) -> anyhow::Result<()> {
                 }
             }
         }
-        Cmd::Edit { url, key } => edit(repo, &url, &key).await?,
+        Cmd::Edit { url, key, message } => edit(repo, &url, &key, message).await?,
         Cmd::Log { url } => {
             let (h, _) = open(repo, &url).await?;
             for c in h.history() {
@@ -257,7 +260,7 @@ fn short(s: &str) -> String {
     s.chars().take(8).collect()
 }
 
-async fn edit(repo: &Repo, url: &str, key: &str) -> anyhow::Result<()> {
+async fn edit(repo: &Repo, url: &str, key: &str, message: Option<String>) -> anyhow::Result<()> {
     let (h, heads) = open(repo, url).await?;
     if heads.is_some() {
         bail!("cannot edit a past version; drop the #heads from the URL");
@@ -297,7 +300,11 @@ async fn edit(repo: &Repo, url: &str, key: &str) -> anyhow::Result<()> {
     // The note may have changed meanwhile (another process can't: the store is locked; but a
     // future long-running sync could): update_text diffs against the text as it is now.
     let key = key.to_string();
-    h.change(|tx| {
+    let options = match message {
+        Some(m) => CommitOptions::default().with_message(m),
+        None => CommitOptions::default(),
+    };
+    h.change_with(options, |tx| {
         let t = match tx.get(ROOT, key.as_str())? {
             Some((Value::Object(ObjType::Text), id)) => id,
             None => tx.put_object(ROOT, key.as_str(), ObjType::Text)?,

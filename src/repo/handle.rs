@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use automerge::transaction::Transaction;
+use automerge::transaction::{CommitOptions, Transaction};
 use automerge::{Automerge, AutomergeError, ChangeHash, Patch};
 use tokio::sync::{broadcast, oneshot, watch};
 
@@ -68,9 +68,22 @@ impl DocHandle {
     /// Change the note in one Automerge transaction. If `f` fails the transaction is rolled
     /// back. Returns what `f` returned. A change that breaks an invariant of the note's kind
     /// (see [`crate::schema`]) that held before it is rolled back too:
-    /// [`RepoError::Invariant`].
+    /// [`RepoError::Invariant`]. The change is stamped with the wall clock (seconds, as JS
+    /// Automerge does); [`DocHandle::change_with`] also sets a message.
     pub fn change<R>(
         &self,
+        f: impl FnOnce(&mut Transaction<'_>) -> Result<R, AutomergeError>,
+    ) -> Result<R, RepoError> {
+        self.change_with(CommitOptions::default(), f)
+    }
+
+    /// [`DocHandle::change`] with commit options: a message
+    /// (`CommitOptions::default().with_message("fix typo")`, shown in
+    /// [`DocHandle::history`]) and/or a time; without a time the change is stamped with the
+    /// wall clock. A transaction that makes no operation commits nothing, message included.
+    pub fn change_with<R>(
+        &self,
+        options: CommitOptions,
         f: impl FnOnce(&mut Transaction<'_>) -> Result<R, AutomergeError>,
     ) -> Result<R, RepoError> {
         let (out, heads, changed) = {
@@ -90,11 +103,15 @@ impl DocHandle {
                 return Err(rejected.into());
             }
             // Stamp changes with the wall clock in seconds, as JS Automerge does, for history.
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs() as i64);
-            let (hash, _) =
-                tx.commit_with(automerge::transaction::CommitOptions::default().with_time(now));
+            let options = match options.time {
+                Some(_) => options,
+                None => options.with_time(
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs() as i64),
+                ),
+            };
+            let (hash, _) = tx.commit_with(options);
             (out, doc.get_heads(), hash.is_some())
         };
         if changed {
