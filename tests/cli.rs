@@ -229,3 +229,134 @@ async fn sync_pushes_every_note_to_a_relay() {
         "{err}"
     );
 }
+
+/// Run `sheaf` off the async runtime (the relay in this process must keep serving).
+async fn sheaf_async(dir: &Path, args: &[&str]) -> Output {
+    let (dir, args): (std::path::PathBuf, Vec<String>) =
+        (dir.into(), args.iter().map(|a| a.to_string()).collect());
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        sheaf(&dir, &args)
+    })
+    .await
+    .unwrap()
+}
+
+/// The last line on stderr of a run that failed.
+fn failed_with(o: Output) -> String {
+    assert!(!o.status.success(), "expected a failure");
+    let err = String::from_utf8(o.stderr).unwrap();
+    let last = err
+        .trim_end()
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_string();
+    assert!(last.starts_with("sheaf: "), "{err}");
+    last
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_pulls_edits_made_elsewhere() {
+    let (relay_url, relay, _stop) = common::in_process_relay().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let url = ok(sheaf_async(&dir, &["new", "--title", "draft"]).await)
+        .trim()
+        .to_string();
+    let sync = ["sync", "--relay", &relay_url, "--timeout", "30"];
+    assert_eq!(ok(sheaf_async(&dir, &sync).await).trim(), "synced 1 notes");
+
+    // The note is edited on the relay's side (as another device's edit would land there).
+    let on_relay = relay
+        .find(url.parse::<AutomergeUrl>().unwrap())
+        .await
+        .unwrap();
+    on_relay
+        .change(|tx| {
+            use automerge::transaction::Transactable;
+            tx.put(automerge::ROOT, "title", "edited elsewhere")
+        })
+        .unwrap();
+    on_relay.saved().await.unwrap();
+
+    assert_eq!(ok(sheaf_async(&dir, &sync).await).trim(), "synced 1 notes");
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(sheaf_async(&dir, &["cat", &url]).await)).unwrap();
+    assert_eq!(v, serde_json::json!({"title": "edited elsewhere"}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_fetches_notes_by_url_from_the_relay() {
+    let (relay_url, relay, _stop) = common::in_process_relay().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let local = ok(sheaf_async(&dir, &["new", "--title", "local"]).await)
+        .trim()
+        .to_string();
+
+    // Another device (a JS app, a phone) makes a note and syncs it to the relay.
+    let phone = sheafdb::Repo::temporary(sheafdb::RepoConfig::default()).unwrap();
+    phone.connect(&relay_url).unwrap();
+    let note = phone.create().await.unwrap();
+    note.change(|tx| {
+        use automerge::transaction::Transactable;
+        tx.put(automerge::ROOT, "title", "from the phone")
+    })
+    .unwrap();
+    let on_relay = tokio::time::timeout(Duration::from_secs(10), relay.find(note.id()))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut heads = on_relay.heads_watch();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        heads.wait_for(|h| *h == note.heads()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    phone.shutdown().unwrap();
+    let remote = note.url().to_string();
+
+    let out = ok(sheaf_async(
+        &dir,
+        &["sync", "--relay", &relay_url, "--timeout", "30", &remote],
+    )
+    .await);
+    assert_eq!(out.trim(), "synced 2 notes");
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(sheaf_async(&dir, &["cat", &remote]).await)).unwrap();
+    assert_eq!(v, serde_json::json!({"title": "from the phone"}));
+    let ls = ok(sheaf_async(&dir, &["ls"]).await);
+    assert_eq!(
+        ls.lines().collect::<Vec<_>>(),
+        {
+            let mut want = vec![
+                format!("{local}\tlocal"),
+                format!("{remote}\tfrom the phone"),
+            ];
+            want.sort();
+            want
+        },
+        "{ls}"
+    );
+
+    // A note the relay does not have: a clear error, and nothing is created.
+    let unknown = DocumentId::random().url().to_string();
+    let e = failed_with(
+        sheaf_async(
+            &dir,
+            &["sync", "--relay", &relay_url, "--timeout", "30", &unknown],
+        )
+        .await,
+    );
+    assert!(
+        e.contains(&unknown) && e.contains("does not have") && e.contains(&relay_url),
+        "{e}"
+    );
+    assert_eq!(ok(sheaf_async(&dir, &["ls"]).await).lines().count(), 2);
+    // Not a URL: refused before connecting.
+    let e = failed_with(sheaf_async(&dir, &["sync", "--relay", &relay_url, "nope"]).await);
+    assert!(e.contains("not a note URL"), "{e}");
+}

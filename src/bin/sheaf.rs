@@ -13,7 +13,7 @@ use automerge::{AutomergeError, ObjId, ObjType, ReadDoc, ScalarValue, Value, ROO
 use clap::{Parser, Subcommand};
 use sheafdb::engine::PeerSyncStatus;
 use sheafdb::net::client::ConnectionState;
-use sheafdb::{AutomergeUrl, DocHandle, DocumentId, Repo, RepoConfig};
+use sheafdb::{AutomergeUrl, DocHandle, DocumentId, Repo, RepoConfig, RepoError};
 
 #[derive(Parser, Debug)]
 #[command(name = "sheaf", version, about = "A local-first note store")]
@@ -52,10 +52,15 @@ enum Cmd {
     },
     /// List a note's changes, oldest first.
     Log { url: String },
-    /// Sync every local note with a relay, then exit.
+    /// Sync every local note with a relay (pushing local edits, pulling remote ones), then
+    /// exit. Notes named by URL are fetched from the relay if they are not here yet.
     Sync {
         #[arg(long, value_name = "ws://HOST:PORT")]
         relay: String,
+        /// Notes to fetch from the relay too (made by another device or a JS app); the
+        /// whole note is synced, any #heads are ignored.
+        #[arg(value_name = "NOTE_URL")]
+        notes: Vec<String>,
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 60)]
         timeout: u64,
@@ -102,8 +107,14 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    // `sync` fetches named notes from the relay, which waits a few seconds before it says
+    // it does not have one (another peer may be uploading it): let that answer arrive.
+    let find_timeout = match &args.cmd {
+        Cmd::Sync { timeout, .. } => Duration::from_secs(*timeout),
+        _ => Duration::from_secs(5),
+    };
     let config = RepoConfig {
-        find_timeout: Duration::from_secs(5),
+        find_timeout,
         ..RepoConfig::default()
     };
     let repo = Repo::open_with(&args.data_dir, config)
@@ -180,7 +191,11 @@ async fn command(repo: &Repo, cmd: Cmd) -> anyhow::Result<()> {
                 }
             }
         }
-        Cmd::Sync { relay, timeout } => sync(repo, &relay, Duration::from_secs(timeout)).await?,
+        Cmd::Sync {
+            relay,
+            notes,
+            timeout,
+        } => sync(repo, &relay, &notes, Duration::from_secs(timeout)).await?,
         Cmd::Export { url, json, output } => {
             let (h, heads) = open(repo, &url).await?;
             let bytes = match (json, &heads) {
@@ -212,18 +227,23 @@ async fn command(repo: &Repo, cmd: Cmd) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A note URL (`automerge:…`, optionally `#heads`) or bare id.
+fn parse_url(url: &str) -> anyhow::Result<AutomergeUrl> {
+    match url.parse::<AutomergeUrl>() {
+        Ok(u) => Ok(u),
+        Err(e) => match url.parse::<DocumentId>() {
+            Ok(id) => Ok(id.into()),
+            Err(_) => bail!("not a note URL: {url:?} ({e})"),
+        },
+    }
+}
+
 /// A note by URL (`automerge:…`, optionally `#heads`) or bare id; only notes in the store.
 async fn open(
     repo: &Repo,
     url: &str,
 ) -> anyhow::Result<(DocHandle, Option<Vec<automerge::ChangeHash>>)> {
-    let url: AutomergeUrl = match url.parse::<AutomergeUrl>() {
-        Ok(u) => u,
-        Err(e) => match url.parse::<DocumentId>() {
-            Ok(id) => id.into(),
-            Err(_) => bail!("not a note URL: {url:?} ({e})"),
-        },
-    };
+    let url = parse_url(url)?;
     if !repo.list()?.contains(&url.id) {
         bail!("no note {} in this store", AutomergeUrl::new(url.id));
     }
@@ -411,10 +431,14 @@ fn put_json(
     }
 }
 
-async fn sync(repo: &Repo, relay: &str, timeout: Duration) -> anyhow::Result<()> {
+async fn sync(repo: &Repo, relay: &str, notes: &[String], timeout: Duration) -> anyhow::Result<()> {
     if !(relay.starts_with("ws://") || relay.starts_with("wss://")) {
         bail!("the relay must be a ws:// or wss:// URL, not {relay:?}");
     }
+    let named = notes
+        .iter()
+        .map(|u| parse_url(u).map(|u| u.id))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let deadline = tokio::time::Instant::now() + timeout;
     let mut state = repo.connect(relay)?;
     eprintln!("connecting to {relay}");
@@ -435,11 +459,29 @@ async fn sync(repo: &Repo, relay: &str, timeout: Duration) -> anyhow::Result<()>
     }
     let relay_peers = peers.borrow().clone();
     let ids = repo.list()?;
-    let total = ids.len();
-    let mut handles = Vec::with_capacity(total);
-    for id in ids {
-        handles.push(repo.find(id).await?);
+    let mut handles = Vec::with_capacity(ids.len() + named.len());
+    for id in &ids {
+        handles.push(repo.find(*id).await?);
     }
+    // Named notes not here yet come from the relay (sheaf-relay says it lacks one after
+    // its request grace, 5 s).
+    for id in named {
+        if ids.contains(&id) || handles.iter().any(|h| h.id() == id) {
+            continue;
+        }
+        let url = AutomergeUrl::new(id);
+        eprintln!("fetching {url}");
+        match tokio::time::timeout_at(deadline, repo.find(id)).await {
+            Ok(Ok(h)) => handles.push(h),
+            Ok(Err(RepoError::NotFound(_))) => bail!("the relay {relay} does not have note {url}"),
+            Ok(Err(RepoError::FindTimeout { after, .. })) => {
+                bail!("note {url} did not arrive from {relay} within {after:?}")
+            }
+            Ok(Err(e)) => return Err(e).with_context(|| format!("fetching note {url}")),
+            Err(_) => bail!("timed out after {timeout:?} fetching note {url} from {relay}"),
+        }
+    }
+    let total = handles.len();
     eprintln!("syncing {total} notes");
     let is_synced = |h: &DocHandle| {
         let st: HashMap<_, _> = h.sync_status().borrow().clone();
