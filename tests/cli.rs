@@ -150,6 +150,31 @@ fn new_ls_cat_edit_log_export_import() {
 }
 
 #[test]
+fn the_default_data_dir_is_sheaf_data_in_the_working_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_sheaf"));
+        c.current_dir(tmp.path()).args(args);
+        c.env_remove("SHEAF_DATA_DIR").env_remove("VISUAL");
+        c.output().unwrap()
+    };
+    let url = ok(run(&["new", "--title", "here"])).trim().to_string();
+    assert!(tmp.path().join("sheaf-data").is_dir());
+    assert!(tmp.path().join("sheaf-data/storage-id").is_file());
+    assert_eq!(ok(run(&["ls"])), format!("{url}\there\n"));
+    // SHEAF_DATA_DIR still overrides it
+    let other = tmp.path().join("other");
+    let o = Command::new(env!("CARGO_BIN_EXE_sheaf"))
+        .current_dir(tmp.path())
+        .env("SHEAF_DATA_DIR", &other)
+        .arg("ls")
+        .output()
+        .unwrap();
+    assert_eq!(ok(o), "");
+    assert!(other.is_dir());
+}
+
+#[test]
 fn clear_errors_for_unknown_notes_and_bad_input() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("data");
