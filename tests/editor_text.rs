@@ -57,11 +57,19 @@ async fn utf16_offsets_with_emoji_splice_and_reject_split_pairs() {
     h.splice_text(&t, 3, 2, "🎉", TextIndex::Utf16).unwrap();
     assert_eq!(h.text(&t).unwrap(), "hi 🎉?! there");
 
+    // a second emoji further on: "hi 🎉?! there 👋", 👋 at UTF-16 14..16
+    h.splice_text(&t, 13, 0, " 👋", TextIndex::Utf16).unwrap();
+    assert_eq!(h.text(&t).unwrap(), "hi 🎉?! there 👋");
+
     let heads = h.heads();
-    for bad in [4, 3 + 1] {
-        match h.splice_text(&t, bad, 0, "x", TextIndex::Utf16) {
-            Err(TextError::SplitsSurrogatePair { offset }) => assert_eq!(offset, bad),
-            other => panic!("expected a surrogate-pair error, got {other:?}"),
+    // inside the first pair, and inside the second one (after another pair: the check
+    // counts what comes before, not just the first emoji)
+    for bad in [4, 15] {
+        for delete in [0, 1] {
+            match h.splice_text(&t, bad, delete, "x", TextIndex::Utf16) {
+                Err(TextError::SplitsSurrogatePair { offset }) => assert_eq!(offset, bad),
+                other => panic!("expected a surrogate-pair error at {bad}, got {other:?}"),
+            }
         }
     }
     // a deletion ending inside the pair is rejected too
