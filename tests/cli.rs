@@ -194,9 +194,66 @@ fn clear_errors_for_unknown_notes_and_bad_input() {
     );
     let e = fails(sheaf(&dir, &["import", "/no/such/file"]));
     assert!(e.contains("reading /no/such/file"), "{e}");
-    let url = ok(sheaf(&dir, &["new"])).trim().to_string();
+    let url = ok(sheaf(&dir, &["new", "--title", "plain"]))
+        .trim()
+        .to_string();
     let e = fails(sheaf(&dir, &["cat", &url, "--text", "body"]));
     assert!(e.contains("no field \"body\""), "{e}");
+
+    // heads the note does not have, heads that do not parse, and a '#' without heads
+    let parsed: AutomergeUrl = url.parse().unwrap();
+    let at = |h: u8| {
+        AutomergeUrl {
+            id: parsed.id,
+            heads: Some(vec![automerge::ChangeHash([h; 32])]),
+        }
+        .to_string()
+    };
+    for (h, text) in [(7, None), (8, Some("text"))] {
+        let u = at(h);
+        let mut args = vec!["cat", u.as_str()];
+        args.extend(text.map(|k| ["--text", k]).into_iter().flatten());
+        let e = fails(sheaf(&dir, &args));
+        let missing = format!("{h:02x}").repeat(32);
+        assert!(
+            e.contains(&format!("note {url} has no change {missing}")),
+            "{e}"
+        );
+    }
+    let e = fails(sheaf(&dir, &["export", &at(9)]));
+    assert!(e.contains("has no change"), "{e}");
+    let e = fails(sheaf(&dir, &["cat", &format!("{url}#2wQbx8Yz3Xb")]));
+    assert!(
+        e.contains("not a note URL") && e.contains("heads in URL are not valid"),
+        "{e}"
+    );
+    let bare = url.strip_prefix("automerge:").unwrap();
+    let e = fails(sheaf(&dir, &["cat", &format!("{bare}#nope")]));
+    assert!(e.contains("heads in URL are not valid"), "{e}");
+    let e = fails(sheaf(&dir, &["cat", &format!("{url}#")]));
+    assert!(e.contains("no heads after '#'"), "{e}");
+
+    // `edit --key` on a field that is not text: refused before the editor runs
+    let marker = tmp.path().join("editor-ran");
+    let editor = format!("touch {}", marker.display());
+    let e = fails(sheaf_env(
+        &dir,
+        &["edit", &url, "--key", "title"],
+        &[("EDITOR", &editor)],
+    ));
+    assert!(e.contains("field \"title\" is a string, not text"), "{e}");
+    assert!(!marker.exists(), "the editor ran");
+    let e = fails(sheaf(&dir, &["cat", &url, "--text", "title"]));
+    assert!(e.contains("field \"title\" is a string, not text"), "{e}");
+    let e = fails(sheaf_env(&dir, &["edit", &at(7)], &[("EDITOR", &editor)]));
+    assert!(e.contains("has no change"), "{e}");
+    assert!(!marker.exists(), "the editor ran");
+    ok(sheaf_env(
+        &dir,
+        &["edit", &url, "--key", "body"],
+        &[("EDITOR", &editor)],
+    ));
+    assert!(marker.exists(), "a text field (new) does run the editor");
     let e = fails(sheaf(&dir, &["sync", "--relay", "http://x"]));
     assert!(e.contains("ws://"), "{e}");
     assert!(!sheaf(&dir, &["frobnicate"]).status.success());

@@ -12,8 +12,9 @@ use automerge::transaction::{CommitOptions, Transactable, Transaction};
 use automerge::{AutomergeError, ObjId, ObjType, ReadDoc, ScalarValue, Value, ROOT};
 use clap::{Parser, Subcommand};
 use sheafdb::engine::PeerSyncStatus;
+use sheafdb::id::URL_PREFIX;
 use sheafdb::net::client::ConnectionState;
-use sheafdb::{AutomergeUrl, DocHandle, DocumentId, Repo, RepoConfig, RepoError};
+use sheafdb::{AutomergeUrl, DocHandle, Repo, RepoConfig, RepoError};
 
 #[derive(Parser, Debug)]
 #[command(name = "sheaf", version, about = "A local-first note store")]
@@ -227,14 +228,19 @@ async fn command(repo: &Repo, cmd: Cmd) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A note URL (`automerge:…`, optionally `#heads`) or bare id.
+/// A note URL (`automerge:…`, optionally `#heads`) or bare id (also with `#heads`). Heads
+/// that do not parse, or a `#` with none after it, are errors, not the current version.
 fn parse_url(url: &str) -> anyhow::Result<AutomergeUrl> {
-    match url.parse::<AutomergeUrl>() {
+    let full = match url.starts_with(URL_PREFIX) {
+        true => url.to_string(),
+        false => format!("{URL_PREFIX}{url}"),
+    };
+    match full.parse::<AutomergeUrl>() {
+        Ok(AutomergeUrl { heads: Some(h), .. }) if h.is_empty() => {
+            bail!("not a note URL: {url:?} (no heads after '#')")
+        }
         Ok(u) => Ok(u),
-        Err(e) => match url.parse::<DocumentId>() {
-            Ok(id) => Ok(id.into()),
-            Err(_) => bail!("not a note URL: {url:?} ({e})"),
-        },
+        Err(e) => bail!("not a note URL: {url:?} ({e})"),
     }
 }
 
@@ -269,11 +275,22 @@ fn title(d: &automerge::Automerge) -> Option<String> {
 
 /// The text object at root `key`: `None` if absent, an error if something else is there.
 fn text_obj<D: ReadDoc>(d: &D, key: &str) -> anyhow::Result<Option<ObjId>> {
-    match d.get(ROOT, key)? {
-        None => Ok(None),
-        Some((Value::Object(ObjType::Text), id)) => Ok(Some(id)),
-        Some(_) => bail!("field {key:?} is not text"),
-    }
+    let what = match d.get(ROOT, key)? {
+        None => return Ok(None),
+        Some((Value::Object(ObjType::Text), id)) => return Ok(Some(id)),
+        Some((Value::Object(ObjType::Map | ObjType::Table), _)) => "a map",
+        Some((Value::Object(ObjType::List), _)) => "a list",
+        Some((Value::Scalar(v), _)) => match v.as_ref() {
+            ScalarValue::Str(_) => "a string",
+            ScalarValue::Int(_) | ScalarValue::Uint(_) | ScalarValue::F64(_) => "a number",
+            ScalarValue::Counter(_) => "a counter",
+            ScalarValue::Boolean(_) => "a boolean",
+            ScalarValue::Null => "null",
+            ScalarValue::Timestamp(_) => "a timestamp",
+            ScalarValue::Bytes(_) | ScalarValue::Unknown { .. } => "binary",
+        },
+    };
+    bail!("field {key:?} is {what}, not text")
 }
 
 fn short(s: &str) -> String {
