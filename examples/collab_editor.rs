@@ -246,6 +246,8 @@ async fn run() -> anyhow::Result<()> {
         tx.splice_text(&t, 0, 0, "Hello world")
     })?;
     let bob_note = bob_repo.find(note.id()).await?;
+    // find returns once bob has the note, which may be before alice's text reached him.
+    until(|| bob_note.heads() == note.heads()).await;
     println!("note {}", note.url());
 
     let alice = Editor::open("alice", "crimson", alice_repo, note)?;
@@ -331,12 +333,26 @@ async fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// The whole example, failing if it takes more than 10 s.
+async fn run_bounded() -> anyhow::Result<()> {
     let started = Instant::now();
     timeout(Duration::from_secs(10), run())
         .await
         .map_err(|_| anyhow::anyhow!("the example did not finish within 10 s"))??;
     println!("({} ms)", started.elapsed().as_millis());
     Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    run_bounded().await
+}
+
+/// `cargo test` runs the example (Cargo.toml: `test = true`), asserts and all.
+#[cfg(test)]
+mod tests {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn runs() {
+        super::run_bounded().await.unwrap();
+    }
 }

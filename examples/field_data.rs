@@ -219,10 +219,24 @@ async fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// The whole example, failing if it takes more than 10 s.
+async fn run_bounded() -> anyhow::Result<()> {
     match timeout(Duration::from_secs(10), run()).await {
         Ok(r) => r,
         Err(_) => anyhow::bail!("did not converge within 10 s"),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    run_bounded().await
+}
+
+/// `cargo test` runs the example (Cargo.toml: `test = true`), asserts and all.
+#[cfg(test)]
+mod tests {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn runs() {
+        super::run_bounded().await.unwrap();
     }
 }

@@ -59,7 +59,11 @@ fn new_ls_cat_edit_log_export_import() {
     let script = tmp.path().join("write.sh");
     std::fs::write(&script, "#!/bin/sh\nprintf 'eggs 🥚\\nmilk\\n' > \"$1\"\n").unwrap();
     let editor = format!("sh {}", script.display());
-    ok(sheaf_env(&dir, &["edit", &url], &[("EDITOR", &editor)]));
+    ok(sheaf_env(
+        &dir,
+        &["edit", &url, "--message", "first list"],
+        &[("EDITOR", &editor)],
+    ));
     assert_eq!(
         ok(sheaf(&dir, &["cat", &url, "--text", "text"])),
         "eggs 🥚\nmilk\n"
@@ -71,7 +75,7 @@ fn new_ls_cat_edit_log_export_import() {
     );
     ok(sheaf_env(
         &dir,
-        &["edit", &url, "--key", "text"],
+        &["edit", &url, "--key", "text", "-m", "oat milk, not milk"],
         &[("EDITOR", "sed -i s/milk/oat-milk/")],
     ));
     assert_eq!(
@@ -89,6 +93,11 @@ fn new_ls_cat_edit_log_export_import() {
         lines[3].contains("seq=1") && lines[3].contains("ops=4"),
         "{log}"
     );
+    // the message of the sed edit ends its line; the others have none
+    // messages end their line (`edit --message` / `-m`); the other changes have none
+    assert!(lines[2].ends_with("] first list"), "{log}");
+    assert!(lines[3].ends_with("] oat milk, not milk"), "{log}");
+    assert!(lines[..2].iter().all(|l| l.ends_with(']')), "{log}");
     let first_edit = lines[2].split(' ').next().unwrap();
 
     // a URL with heads shows that version
@@ -141,6 +150,31 @@ fn new_ls_cat_edit_log_export_import() {
 }
 
 #[test]
+fn the_default_data_dir_is_sheaf_data_in_the_working_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_sheaf"));
+        c.current_dir(tmp.path()).args(args);
+        c.env_remove("SHEAF_DATA_DIR").env_remove("VISUAL");
+        c.output().unwrap()
+    };
+    let url = ok(run(&["new", "--title", "here"])).trim().to_string();
+    assert!(tmp.path().join("sheaf-data").is_dir());
+    assert!(tmp.path().join("sheaf-data/storage-id").is_file());
+    assert_eq!(ok(run(&["ls"])), format!("{url}\there\n"));
+    // SHEAF_DATA_DIR still overrides it
+    let other = tmp.path().join("other");
+    let o = Command::new(env!("CARGO_BIN_EXE_sheaf"))
+        .current_dir(tmp.path())
+        .env("SHEAF_DATA_DIR", &other)
+        .arg("ls")
+        .output()
+        .unwrap();
+    assert_eq!(ok(o), "");
+    assert!(other.is_dir());
+}
+
+#[test]
 fn clear_errors_for_unknown_notes_and_bad_input() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("data");
@@ -160,9 +194,66 @@ fn clear_errors_for_unknown_notes_and_bad_input() {
     );
     let e = fails(sheaf(&dir, &["import", "/no/such/file"]));
     assert!(e.contains("reading /no/such/file"), "{e}");
-    let url = ok(sheaf(&dir, &["new"])).trim().to_string();
+    let url = ok(sheaf(&dir, &["new", "--title", "plain"]))
+        .trim()
+        .to_string();
     let e = fails(sheaf(&dir, &["cat", &url, "--text", "body"]));
     assert!(e.contains("no field \"body\""), "{e}");
+
+    // heads the note does not have, heads that do not parse, and a '#' without heads
+    let parsed: AutomergeUrl = url.parse().unwrap();
+    let at = |h: u8| {
+        AutomergeUrl {
+            id: parsed.id,
+            heads: Some(vec![automerge::ChangeHash([h; 32])]),
+        }
+        .to_string()
+    };
+    for (h, text) in [(7, None), (8, Some("text"))] {
+        let u = at(h);
+        let mut args = vec!["cat", u.as_str()];
+        args.extend(text.map(|k| ["--text", k]).into_iter().flatten());
+        let e = fails(sheaf(&dir, &args));
+        let missing = format!("{h:02x}").repeat(32);
+        assert!(
+            e.contains(&format!("note {url} has no change {missing}")),
+            "{e}"
+        );
+    }
+    let e = fails(sheaf(&dir, &["export", &at(9)]));
+    assert!(e.contains("has no change"), "{e}");
+    let e = fails(sheaf(&dir, &["cat", &format!("{url}#2wQbx8Yz3Xb")]));
+    assert!(
+        e.contains("not a note URL") && e.contains("heads in URL are not valid"),
+        "{e}"
+    );
+    let bare = url.strip_prefix("automerge:").unwrap();
+    let e = fails(sheaf(&dir, &["cat", &format!("{bare}#nope")]));
+    assert!(e.contains("heads in URL are not valid"), "{e}");
+    let e = fails(sheaf(&dir, &["cat", &format!("{url}#")]));
+    assert!(e.contains("no heads after '#'"), "{e}");
+
+    // `edit --key` on a field that is not text: refused before the editor runs
+    let marker = tmp.path().join("editor-ran");
+    let editor = format!("touch {}", marker.display());
+    let e = fails(sheaf_env(
+        &dir,
+        &["edit", &url, "--key", "title"],
+        &[("EDITOR", &editor)],
+    ));
+    assert!(e.contains("field \"title\" is a string, not text"), "{e}");
+    assert!(!marker.exists(), "the editor ran");
+    let e = fails(sheaf(&dir, &["cat", &url, "--text", "title"]));
+    assert!(e.contains("field \"title\" is a string, not text"), "{e}");
+    let e = fails(sheaf_env(&dir, &["edit", &at(7)], &[("EDITOR", &editor)]));
+    assert!(e.contains("has no change"), "{e}");
+    assert!(!marker.exists(), "the editor ran");
+    ok(sheaf_env(
+        &dir,
+        &["edit", &url, "--key", "body"],
+        &[("EDITOR", &editor)],
+    ));
+    assert!(marker.exists(), "a text field (new) does run the editor");
     let e = fails(sheaf(&dir, &["sync", "--relay", "http://x"]));
     assert!(e.contains("ws://"), "{e}");
     assert!(!sheaf(&dir, &["frobnicate"]).status.success());
@@ -219,4 +310,135 @@ async fn sync_pushes_every_note_to_a_relay() {
         last.starts_with("sheaf: could not connect to ws://127.0.0.1:9"),
         "{err}"
     );
+}
+
+/// Run `sheaf` off the async runtime (the relay in this process must keep serving).
+async fn sheaf_async(dir: &Path, args: &[&str]) -> Output {
+    let (dir, args): (std::path::PathBuf, Vec<String>) =
+        (dir.into(), args.iter().map(|a| a.to_string()).collect());
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        sheaf(&dir, &args)
+    })
+    .await
+    .unwrap()
+}
+
+/// The last line on stderr of a run that failed.
+fn failed_with(o: Output) -> String {
+    assert!(!o.status.success(), "expected a failure");
+    let err = String::from_utf8(o.stderr).unwrap();
+    let last = err
+        .trim_end()
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_string();
+    assert!(last.starts_with("sheaf: "), "{err}");
+    last
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_pulls_edits_made_elsewhere() {
+    let (relay_url, relay, _stop) = common::in_process_relay().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let url = ok(sheaf_async(&dir, &["new", "--title", "draft"]).await)
+        .trim()
+        .to_string();
+    let sync = ["sync", "--relay", &relay_url, "--timeout", "30"];
+    assert_eq!(ok(sheaf_async(&dir, &sync).await).trim(), "synced 1 notes");
+
+    // The note is edited on the relay's side (as another device's edit would land there).
+    let on_relay = relay
+        .find(url.parse::<AutomergeUrl>().unwrap())
+        .await
+        .unwrap();
+    on_relay
+        .change(|tx| {
+            use automerge::transaction::Transactable;
+            tx.put(automerge::ROOT, "title", "edited elsewhere")
+        })
+        .unwrap();
+    on_relay.saved().await.unwrap();
+
+    assert_eq!(ok(sheaf_async(&dir, &sync).await).trim(), "synced 1 notes");
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(sheaf_async(&dir, &["cat", &url]).await)).unwrap();
+    assert_eq!(v, serde_json::json!({"title": "edited elsewhere"}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_fetches_notes_by_url_from_the_relay() {
+    let (relay_url, relay, _stop) = common::in_process_relay().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let local = ok(sheaf_async(&dir, &["new", "--title", "local"]).await)
+        .trim()
+        .to_string();
+
+    // Another device (a JS app, a phone) makes a note and syncs it to the relay.
+    let phone = sheafdb::Repo::temporary(sheafdb::RepoConfig::default()).unwrap();
+    phone.connect(&relay_url).unwrap();
+    let note = phone.create().await.unwrap();
+    note.change(|tx| {
+        use automerge::transaction::Transactable;
+        tx.put(automerge::ROOT, "title", "from the phone")
+    })
+    .unwrap();
+    let on_relay = tokio::time::timeout(Duration::from_secs(10), relay.find(note.id()))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut heads = on_relay.heads_watch();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        heads.wait_for(|h| *h == note.heads()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    phone.shutdown().unwrap();
+    let remote = note.url().to_string();
+
+    let out = ok(sheaf_async(
+        &dir,
+        &["sync", "--relay", &relay_url, "--timeout", "30", &remote],
+    )
+    .await);
+    assert_eq!(out.trim(), "synced 2 notes");
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(sheaf_async(&dir, &["cat", &remote]).await)).unwrap();
+    assert_eq!(v, serde_json::json!({"title": "from the phone"}));
+    let ls = ok(sheaf_async(&dir, &["ls"]).await);
+    assert_eq!(
+        ls.lines().collect::<Vec<_>>(),
+        {
+            let mut want = vec![
+                format!("{local}\tlocal"),
+                format!("{remote}\tfrom the phone"),
+            ];
+            want.sort();
+            want
+        },
+        "{ls}"
+    );
+
+    // A note the relay does not have: a clear error, and nothing is created.
+    let unknown = DocumentId::random().url().to_string();
+    let e = failed_with(
+        sheaf_async(
+            &dir,
+            &["sync", "--relay", &relay_url, "--timeout", "30", &unknown],
+        )
+        .await,
+    );
+    assert!(
+        e.contains(&unknown) && e.contains("does not have") && e.contains(&relay_url),
+        "{e}"
+    );
+    assert_eq!(ok(sheaf_async(&dir, &["ls"]).await).lines().count(), 2);
+    // Not a URL: refused before connecting.
+    let e = failed_with(sheaf_async(&dir, &["sync", "--relay", &relay_url, "nope"]).await);
+    assert!(e.contains("not a note URL"), "{e}");
 }

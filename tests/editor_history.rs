@@ -1,6 +1,6 @@
 //! History: listing changes, reading past versions, diffs, forks.
 
-use automerge::transaction::Transactable;
+use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{ChangeHash, ObjType, PatchAction, ReadDoc, ROOT};
 use serde_json::json;
 use sheafdb::repo::{HistoryError, TextIndex};
@@ -19,7 +19,10 @@ async fn changes_past_versions_diffs_and_forks() {
         })
         .unwrap();
     let v1 = h.heads();
-    h.change(|tx| tx.put(ROOT, "title", "final")).unwrap();
+    h.change_with(CommitOptions::default().with_message("retitle"), |tx| {
+        tx.put(ROOT, "title", "final")
+    })
+    .unwrap();
     h.splice_text(&t, 5, 0, " world", TextIndex::CodePoints)
         .unwrap();
     let v3 = h.heads();
@@ -37,10 +40,29 @@ async fn changes_past_versions_diffs_and_forks() {
     assert_eq!(log[3].hash, v3[0]);
     assert_eq!(log[1].ops, 7, "put, make text, one insert per character");
     assert_eq!(h.change_info(&v1[0]).unwrap(), log[1]);
-    assert!(
-        log[1].time > 1_600_000_000 && log[1].time < 100_000_000_000,
-        "seconds"
+    for c in &log[1..] {
+        assert!(
+            c.time > 1_600_000_000 && c.time < 100_000_000_000,
+            "stamped in seconds: {c:?}"
+        );
+    }
+    // messages: only the change made with one has it
+    let messages: Vec<_> = log.iter().map(|c| c.message.as_deref()).collect();
+    assert_eq!(messages, [None, None, Some("retitle"), None]);
+    // an explicit time is kept; a change that breaks nothing else is made as usual
+    h.change_with(
+        CommitOptions::default()
+            .with_message("backdated")
+            .with_time(1_234_567_890),
+        |tx| tx.put(ROOT, "done", false),
+    )
+    .unwrap();
+    let last = h.change_info(&h.heads()[0]).unwrap();
+    assert_eq!(
+        (last.message.as_deref(), last.time),
+        (Some("backdated"), 1_234_567_890)
     );
+    h.change(|tx| tx.delete(ROOT, "done")).unwrap();
 
     assert_eq!(
         h.json_at(&v1).unwrap(),
@@ -95,4 +117,33 @@ async fn changes_past_versions_diffs_and_forks() {
     let shared = f.with_doc(|d| d.get_change_by_hash(&v1[0]).is_some());
     assert!(shared);
     let _ = h.with_doc(|d| d.length(&t));
+}
+
+#[tokio::test]
+async fn a_change_with_a_message_is_still_checked_against_the_schema() {
+    use sheafdb::schema::{FieldDefault, RequiredField, Schema};
+    use sheafdb::RepoError;
+    let schema = Schema::new().invariant(
+        "task",
+        RequiredField::new("title", FieldDefault::Text(String::new())),
+    );
+    let repo = Repo::temporary(RepoConfig {
+        schema,
+        ..Default::default()
+    })
+    .unwrap();
+    let h = repo.create().await.unwrap();
+    h.change_with(CommitOptions::default().with_message("new task"), |tx| {
+        tx.put(ROOT, "kind", "task")?;
+        tx.put(ROOT, "title", "write tests")
+    })
+    .unwrap();
+    let heads = h.heads();
+    let r = h.change_with(CommitOptions::default().with_message("oops"), |tx| {
+        tx.delete(ROOT, "title")
+    });
+    assert!(matches!(r, Err(RepoError::Invariant(_))), "{r:?}");
+    assert_eq!(h.heads(), heads, "rolled back");
+    let messages: Vec<_> = h.history().into_iter().map(|c| c.message).collect();
+    assert_eq!(messages, [None, Some("new task".to_string())]);
 }

@@ -1,10 +1,14 @@
 //! Rich text helpers: UTF-16 offsets with emoji, cursors and marks through concurrent edits
 //! and merges, and `update_text` making small changes.
 
+mod common;
+
+use std::time::Duration;
+
 use automerge::marks::ExpandMark;
 use automerge::transaction::Transactable;
-use automerge::{Automerge, ObjId, ObjType, ReadDoc, ScalarValue, ROOT};
-use sheafdb::repo::text::{self, TextError, TextIndex};
+use automerge::{Automerge, ObjId, ObjType, PatchAction, ReadDoc, ScalarValue, ROOT};
+use sheafdb::repo::text::{self, TextError, TextIndex, TextPatch};
 use sheafdb::{DocHandle, Repo, RepoConfig};
 
 async fn note_with_text(s: &str) -> (Repo, DocHandle, ObjId) {
@@ -53,11 +57,19 @@ async fn utf16_offsets_with_emoji_splice_and_reject_split_pairs() {
     h.splice_text(&t, 3, 2, "🎉", TextIndex::Utf16).unwrap();
     assert_eq!(h.text(&t).unwrap(), "hi 🎉?! there");
 
+    // a second emoji further on: "hi 🎉?! there 👋", 👋 at UTF-16 14..16
+    h.splice_text(&t, 13, 0, " 👋", TextIndex::Utf16).unwrap();
+    assert_eq!(h.text(&t).unwrap(), "hi 🎉?! there 👋");
+
     let heads = h.heads();
-    for bad in [4, 3 + 1] {
-        match h.splice_text(&t, bad, 0, "x", TextIndex::Utf16) {
-            Err(TextError::SplitsSurrogatePair { offset }) => assert_eq!(offset, bad),
-            other => panic!("expected a surrogate-pair error, got {other:?}"),
+    // inside the first pair, and inside the second one (after another pair: the check
+    // counts what comes before, not just the first emoji)
+    for bad in [4, 15] {
+        for delete in [0, 1] {
+            match h.splice_text(&t, bad, delete, "x", TextIndex::Utf16) {
+                Err(TextError::SplitsSurrogatePair { offset }) => assert_eq!(offset, bad),
+                other => panic!("expected a surrogate-pair error at {bad}, got {other:?}"),
+            }
         }
     }
     // a deletion ending inside the pair is rejected too
@@ -252,4 +264,150 @@ async fn update_text_makes_a_small_change_and_merges_with_concurrent_edits() {
     });
     a.merge(&mut b).unwrap();
     assert_eq!(a.text(&t).unwrap(), "alpha\nBETA\ngamma\ndelta\n");
+}
+
+/// Apply UTF-16 text patches to a UTF-16 buffer, as a JS editor patches its view.
+fn apply_utf16(view: &mut Vec<u16>, patches: &[TextPatch]) {
+    for p in patches {
+        match p {
+            TextPatch::SpliceText { index, value, .. } => {
+                view.splice(*index..*index, value.encode_utf16());
+            }
+            TextPatch::DeleteSeq { index, length } => {
+                view.drain(*index..*index + *length);
+            }
+            TextPatch::Mark { .. } => {}
+        }
+    }
+}
+
+/// Peer b's side of the test below: its handle, change subscription and UTF-16 view.
+struct Receiver {
+    handle: DocHandle,
+    text: ObjId,
+    changes: sheafdb::repo::Changes,
+    view: Vec<u16>,
+    deadline: tokio::time::Instant,
+}
+
+impl Receiver {
+    /// Wait until the view, patched from change events, reads `expect`; the patches of the
+    /// events until then: raw (of the text object), in UTF-16 (the ones applied to the
+    /// view) and in code points.
+    async fn receive(
+        &mut self,
+        expect: &str,
+    ) -> (Vec<automerge::Patch>, Vec<TextPatch>, Vec<TextPatch>) {
+        let t = &self.text;
+        let (mut raw, mut u16, mut cp) = (Vec::new(), Vec::new(), Vec::new());
+        while String::from_utf16(&self.view).unwrap() != expect {
+            let ev = tokio::time::timeout_at(self.deadline, self.changes.next())
+                .await
+                .expect("b gets a's edit")
+                .unwrap();
+            raw.extend(ev.patches.iter().filter(|p| &p.obj == t).cloned());
+            let p = ev.text_patches(t, TextIndex::Utf16).unwrap();
+            apply_utf16(&mut self.view, &p);
+            u16.extend(p);
+            cp.extend(ev.text_patches(t, TextIndex::CodePoints).unwrap());
+        }
+        assert_eq!(self.handle.text(t).unwrap(), expect, "b's note");
+        (raw, u16, cp)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_edits_arrive_as_patches_with_utf16_offsets() {
+    let (url, _relay, _stop) = common::in_process_relay().await;
+    let a = Repo::temporary(RepoConfig::default()).unwrap();
+    let b = Repo::temporary(RepoConfig::default()).unwrap();
+    a.connect(&url).unwrap();
+    b.connect(&url).unwrap();
+    let (ha, t) = {
+        let h = a.create().await.unwrap();
+        let t = h
+            .change(|tx| {
+                let t = tx.put_object(ROOT, "text", ObjType::Text)?;
+                tx.splice_text(&t, 0, 0, "👋 hello")?;
+                Ok(t)
+            })
+            .unwrap();
+        (h, t)
+    };
+    let hb = tokio::time::timeout(Duration::from_secs(10), b.find(ha.id()))
+        .await
+        .unwrap()
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut changes = hb.changes();
+    while hb.text(&t).ok().as_deref() != Some("👋 hello") {
+        tokio::time::timeout_at(deadline, changes.next())
+            .await
+            .expect("b gets a's text");
+    }
+    // b's view: a JS-style UTF-16 buffer, patched only from its change events from now on.
+    let changes = hb.changes();
+    let view: Vec<u16> = hb.text(&t).unwrap().encode_utf16().collect();
+
+    // Each step: a edits; b waits for the edit and checks the patches it got for it (raw,
+    // in code points, and converted to UTF-16 and applied to its view).
+    let mut b_side = Receiver {
+        handle: hb,
+        text: t.clone(),
+        changes,
+        view,
+        deadline,
+    };
+    // An insert after the emoji: code point 2, UTF-16 unit 3.
+    ha.splice_text(&t, 2, 0, "big ", TextIndex::CodePoints)
+        .unwrap();
+    let (raw, u16, cp) = b_side.receive("👋 big hello").await;
+    assert!(
+        matches!(&raw[..], [p] if matches!(&p.action,
+            PatchAction::SpliceText { index: 2, value, .. } if value.make_string() == "big ")),
+        "{raw:?}"
+    );
+    let splice = |index, value: &str| TextPatch::SpliceText {
+        index,
+        value: value.into(),
+        marks: None,
+    };
+    assert_eq!(u16, vec![splice(3, "big ")]);
+    assert_eq!(cp, vec![splice(2, "big ")]);
+
+    // Two inserts in one change: the second one's offset counts the first (and the emoji
+    // it inserts: 2 UTF-16 units).
+    ha.change(|tx| {
+        tx.splice_text(&t, 11, 0, "!")?;
+        tx.splice_text(&t, 1, 0, "🎉")
+    })
+    .unwrap();
+    let (_, u16, cp) = b_side.receive("👋🎉 big hello!").await;
+    assert_eq!(u16, vec![splice(2, "🎉"), splice(14, "!")]);
+    assert_eq!(cp, vec![splice(1, "🎉"), splice(12, "!")]);
+
+    // A deletion of an emoji, and a mark over the other one.
+    ha.change(|tx| {
+        tx.splice_text(&t, 0, 1, "")?;
+        let bold = automerge::marks::Mark::new("bold".into(), true, 0, 1);
+        tx.mark(&t, bold, ExpandMark::None)
+    })
+    .unwrap();
+    let (_, u16, _) = b_side.receive("🎉 big hello!").await;
+    assert_eq!(
+        u16,
+        vec![
+            TextPatch::DeleteSeq {
+                index: 0,
+                length: 2
+            },
+            TextPatch::Mark {
+                marks: vec![text::TextMark {
+                    name: "bold".into(),
+                    value: ScalarValue::Boolean(true),
+                    range: 0..2,
+                }]
+            }
+        ]
+    );
 }

@@ -8,12 +8,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
-use automerge::transaction::{Transactable, Transaction};
+use automerge::transaction::{CommitOptions, Transactable, Transaction};
 use automerge::{AutomergeError, ObjId, ObjType, ReadDoc, ScalarValue, Value, ROOT};
 use clap::{Parser, Subcommand};
 use sheafdb::engine::PeerSyncStatus;
+use sheafdb::id::URL_PREFIX;
 use sheafdb::net::client::ConnectionState;
-use sheafdb::{AutomergeUrl, DocHandle, DocumentId, Repo, RepoConfig};
+use sheafdb::{AutomergeUrl, DocHandle, Repo, RepoConfig, RepoError};
 
 #[derive(Parser, Debug)]
 #[command(name = "sheaf", version, about = "A local-first note store")]
@@ -46,13 +47,21 @@ enum Cmd {
         url: String,
         #[arg(long, default_value = "text")]
         key: String,
+        /// A message for the change, shown by `sheaf log`.
+        #[arg(short, long)]
+        message: Option<String>,
     },
     /// List a note's changes, oldest first.
     Log { url: String },
-    /// Sync every local note with a relay, then exit.
+    /// Sync every local note with a relay (pushing local edits, pulling remote ones), then
+    /// exit. Notes named by URL are fetched from the relay if they are not here yet.
     Sync {
         #[arg(long, value_name = "ws://HOST:PORT")]
         relay: String,
+        /// Notes to fetch from the relay too (made by another device or a JS app); the
+        /// whole note is synced, any #heads are ignored.
+        #[arg(value_name = "NOTE_URL")]
+        notes: Vec<String>,
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 60)]
         timeout: u64,
@@ -99,8 +108,14 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    // `sync` fetches named notes from the relay, which waits a few seconds before it says
+    // it does not have one (another peer may be uploading it): let that answer arrive.
+    let find_timeout = match &args.cmd {
+        Cmd::Sync { timeout, .. } => Duration::from_secs(*timeout),
+        _ => Duration::from_secs(5),
+    };
     let config = RepoConfig {
-        find_timeout: Duration::from_secs(5),
+        find_timeout,
         ..RepoConfig::default()
     };
     let repo = Repo::open_with(&args.data_dir, config)
@@ -157,7 +172,7 @@ async fn command(repo: &Repo, cmd: Cmd) -> anyhow::Result<()> {
                 }
             }
         }
-        Cmd::Edit { url, key } => edit(repo, &url, &key).await?,
+        Cmd::Edit { url, key, message } => edit(repo, &url, &key, message).await?,
         Cmd::Log { url } => {
             let (h, _) = open(repo, &url).await?;
             for c in h.history() {
@@ -177,7 +192,11 @@ async fn command(repo: &Repo, cmd: Cmd) -> anyhow::Result<()> {
                 }
             }
         }
-        Cmd::Sync { relay, timeout } => sync(repo, &relay, Duration::from_secs(timeout)).await?,
+        Cmd::Sync {
+            relay,
+            notes,
+            timeout,
+        } => sync(repo, &relay, &notes, Duration::from_secs(timeout)).await?,
         Cmd::Export { url, json, output } => {
             let (h, heads) = open(repo, &url).await?;
             let bytes = match (json, &heads) {
@@ -209,18 +228,28 @@ async fn command(repo: &Repo, cmd: Cmd) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A note URL (`automerge:…`, optionally `#heads`) or bare id (also with `#heads`). Heads
+/// that do not parse, or a `#` with none after it, are errors, not the current version.
+fn parse_url(url: &str) -> anyhow::Result<AutomergeUrl> {
+    let full = match url.starts_with(URL_PREFIX) {
+        true => url.to_string(),
+        false => format!("{URL_PREFIX}{url}"),
+    };
+    match full.parse::<AutomergeUrl>() {
+        Ok(AutomergeUrl { heads: Some(h), .. }) if h.is_empty() => {
+            bail!("not a note URL: {url:?} (no heads after '#')")
+        }
+        Ok(u) => Ok(u),
+        Err(e) => bail!("not a note URL: {url:?} ({e})"),
+    }
+}
+
 /// A note by URL (`automerge:…`, optionally `#heads`) or bare id; only notes in the store.
 async fn open(
     repo: &Repo,
     url: &str,
 ) -> anyhow::Result<(DocHandle, Option<Vec<automerge::ChangeHash>>)> {
-    let url: AutomergeUrl = match url.parse::<AutomergeUrl>() {
-        Ok(u) => u,
-        Err(e) => match url.parse::<DocumentId>() {
-            Ok(id) => id.into(),
-            Err(_) => bail!("not a note URL: {url:?} ({e})"),
-        },
-    };
+    let url = parse_url(url)?;
     if !repo.list()?.contains(&url.id) {
         bail!("no note {} in this store", AutomergeUrl::new(url.id));
     }
@@ -246,18 +275,29 @@ fn title(d: &automerge::Automerge) -> Option<String> {
 
 /// The text object at root `key`: `None` if absent, an error if something else is there.
 fn text_obj<D: ReadDoc>(d: &D, key: &str) -> anyhow::Result<Option<ObjId>> {
-    match d.get(ROOT, key)? {
-        None => Ok(None),
-        Some((Value::Object(ObjType::Text), id)) => Ok(Some(id)),
-        Some(_) => bail!("field {key:?} is not text"),
-    }
+    let what = match d.get(ROOT, key)? {
+        None => return Ok(None),
+        Some((Value::Object(ObjType::Text), id)) => return Ok(Some(id)),
+        Some((Value::Object(ObjType::Map | ObjType::Table), _)) => "a map",
+        Some((Value::Object(ObjType::List), _)) => "a list",
+        Some((Value::Scalar(v), _)) => match v.as_ref() {
+            ScalarValue::Str(_) => "a string",
+            ScalarValue::Int(_) | ScalarValue::Uint(_) | ScalarValue::F64(_) => "a number",
+            ScalarValue::Counter(_) => "a counter",
+            ScalarValue::Boolean(_) => "a boolean",
+            ScalarValue::Null => "null",
+            ScalarValue::Timestamp(_) => "a timestamp",
+            ScalarValue::Bytes(_) | ScalarValue::Unknown { .. } => "binary",
+        },
+    };
+    bail!("field {key:?} is {what}, not text")
 }
 
 fn short(s: &str) -> String {
     s.chars().take(8).collect()
 }
 
-async fn edit(repo: &Repo, url: &str, key: &str) -> anyhow::Result<()> {
+async fn edit(repo: &Repo, url: &str, key: &str, message: Option<String>) -> anyhow::Result<()> {
     let (h, heads) = open(repo, url).await?;
     if heads.is_some() {
         bail!("cannot edit a past version; drop the #heads from the URL");
@@ -297,7 +337,11 @@ async fn edit(repo: &Repo, url: &str, key: &str) -> anyhow::Result<()> {
     // The note may have changed meanwhile (another process can't: the store is locked; but a
     // future long-running sync could): update_text diffs against the text as it is now.
     let key = key.to_string();
-    h.change(|tx| {
+    let options = match message {
+        Some(m) => CommitOptions::default().with_message(m),
+        None => CommitOptions::default(),
+    };
+    h.change_with(options, |tx| {
         let t = match tx.get(ROOT, key.as_str())? {
             Some((Value::Object(ObjType::Text), id)) => id,
             None => tx.put_object(ROOT, key.as_str(), ObjType::Text)?,
@@ -404,10 +448,14 @@ fn put_json(
     }
 }
 
-async fn sync(repo: &Repo, relay: &str, timeout: Duration) -> anyhow::Result<()> {
+async fn sync(repo: &Repo, relay: &str, notes: &[String], timeout: Duration) -> anyhow::Result<()> {
     if !(relay.starts_with("ws://") || relay.starts_with("wss://")) {
         bail!("the relay must be a ws:// or wss:// URL, not {relay:?}");
     }
+    let named = notes
+        .iter()
+        .map(|u| parse_url(u).map(|u| u.id))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let deadline = tokio::time::Instant::now() + timeout;
     let mut state = repo.connect(relay)?;
     eprintln!("connecting to {relay}");
@@ -428,11 +476,29 @@ async fn sync(repo: &Repo, relay: &str, timeout: Duration) -> anyhow::Result<()>
     }
     let relay_peers = peers.borrow().clone();
     let ids = repo.list()?;
-    let total = ids.len();
-    let mut handles = Vec::with_capacity(total);
-    for id in ids {
-        handles.push(repo.find(id).await?);
+    let mut handles = Vec::with_capacity(ids.len() + named.len());
+    for id in &ids {
+        handles.push(repo.find(*id).await?);
     }
+    // Named notes not here yet come from the relay (sheaf-relay says it lacks one after
+    // its request grace, 5 s).
+    for id in named {
+        if ids.contains(&id) || handles.iter().any(|h| h.id() == id) {
+            continue;
+        }
+        let url = AutomergeUrl::new(id);
+        eprintln!("fetching {url}");
+        match tokio::time::timeout_at(deadline, repo.find(id)).await {
+            Ok(Ok(h)) => handles.push(h),
+            Ok(Err(RepoError::NotFound(_))) => bail!("the relay {relay} does not have note {url}"),
+            Ok(Err(RepoError::FindTimeout { after, .. })) => {
+                bail!("note {url} did not arrive from {relay} within {after:?}")
+            }
+            Ok(Err(e)) => return Err(e).with_context(|| format!("fetching note {url}")),
+            Err(_) => bail!("timed out after {timeout:?} fetching note {url} from {relay}"),
+        }
+    }
+    let total = handles.len();
     eprintln!("syncing {total} notes");
     let is_synced = |h: &DocHandle| {
         let st: HashMap<_, _> = h.sync_status().borrow().clone();

@@ -3,14 +3,15 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use automerge::transaction::Transaction;
-use automerge::{Automerge, AutomergeError, ChangeHash, Patch};
+use automerge::transaction::{CommitOptions, Transaction};
+use automerge::{Automerge, AutomergeError, ChangeHash, ObjId, ObjType, Patch, ReadDoc};
 use tokio::sync::{broadcast, oneshot, watch};
 
 use crate::engine::{Input, PeerSyncStatus, SharedDoc};
 use crate::id::{AutomergeUrl, DocumentId, PeerId};
 
 use super::driver::Cmd;
+use super::text::{TextError, TextIndex, TextPatch};
 use super::{DocChannels, Repo, RepoError};
 
 /// Whether a note's latest change is on disk.
@@ -68,9 +69,22 @@ impl DocHandle {
     /// Change the note in one Automerge transaction. If `f` fails the transaction is rolled
     /// back. Returns what `f` returned. A change that breaks an invariant of the note's kind
     /// (see [`crate::schema`]) that held before it is rolled back too:
-    /// [`RepoError::Invariant`].
+    /// [`RepoError::Invariant`]. The change is stamped with the wall clock (seconds, as JS
+    /// Automerge does); [`DocHandle::change_with`] also sets a message.
     pub fn change<R>(
         &self,
+        f: impl FnOnce(&mut Transaction<'_>) -> Result<R, AutomergeError>,
+    ) -> Result<R, RepoError> {
+        self.change_with(CommitOptions::default(), f)
+    }
+
+    /// [`DocHandle::change`] with commit options: a message
+    /// (`CommitOptions::default().with_message("fix typo")`, shown in
+    /// [`DocHandle::history`]) and/or a time; without a time the change is stamped with the
+    /// wall clock. A transaction that makes no operation commits nothing, message included.
+    pub fn change_with<R>(
+        &self,
+        options: CommitOptions,
         f: impl FnOnce(&mut Transaction<'_>) -> Result<R, AutomergeError>,
     ) -> Result<R, RepoError> {
         let (out, heads, changed) = {
@@ -90,11 +104,15 @@ impl DocHandle {
                 return Err(rejected.into());
             }
             // Stamp changes with the wall clock in seconds, as JS Automerge does, for history.
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs() as i64);
-            let (hash, _) =
-                tx.commit_with(automerge::transaction::CommitOptions::default().with_time(now));
+            let options = match options.time {
+                Some(_) => options,
+                None => options.with_time(
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs() as i64),
+                ),
+            };
+            let (hash, _) = tx.commit_with(options);
             (out, doc.get_heads(), hash.is_some())
         };
         if changed {
@@ -216,11 +234,47 @@ impl DocHandle {
 }
 
 /// One notification of [`Changes`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ChangeEvent {
     pub heads: Vec<ChangeHash>,
-    /// What changed since the previous event (or since `changes()` was called).
+    /// The heads the patches start from: those of the previous event (or those when
+    /// `changes()` was called).
+    pub before: Vec<ChangeHash>,
+    /// What changed since the previous event (or since `changes()` was called), with text
+    /// offsets in the document's unit (code points); see [`ChangeEvent::text_patches`].
     pub patches: Vec<Patch>,
+    doc: SharedDoc,
+}
+
+impl std::fmt::Debug for ChangeEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChangeEvent")
+            .field("heads", &self.heads)
+            .field("before", &self.before)
+            .field("patches", &self.patches)
+            .finish()
+    }
+}
+
+impl ChangeEvent {
+    /// The patches of text object `obj`, offsets in `unit` (UTF-16 for JS editors), to apply
+    /// in order to the text as it was at [`ChangeEvent::before`] (see
+    /// [`text::text_patches`](super::text::text_patches)). Reads that text from the note: a
+    /// walk of the text under the note's lock. An app that keeps the text itself can call
+    /// `text::text_patches` with it instead.
+    pub fn text_patches(&self, obj: &ObjId, unit: TextIndex) -> Result<Vec<TextPatch>, TextError> {
+        let (before, encoding) = {
+            let doc = self.doc.lock();
+            match doc.object_type(obj) {
+                Ok(ObjType::Text) => {}
+                Ok(_) => return Err(TextError::NotText),
+                Err(e) => return Err(e.into()),
+            }
+            // A text made after `before` reads as empty there.
+            (doc.text_at(obj, &self.before)?, doc.text_encoding())
+        };
+        super::text::text_patches(&before, &self.patches, obj, encoding, unit)
+    }
 }
 
 /// A subscription to a note's changes. Missed intermediate states are folded into one
@@ -241,8 +295,13 @@ impl Changes {
                 continue;
             }
             let patches = self.doc.lock().diff(&self.last, &heads);
-            self.last = heads.clone();
-            return Some(ChangeEvent { heads, patches });
+            let before = std::mem::replace(&mut self.last, heads.clone());
+            return Some(ChangeEvent {
+                heads,
+                before,
+                patches,
+                doc: self.doc.clone(),
+            });
         }
     }
 }

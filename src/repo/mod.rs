@@ -25,7 +25,7 @@ pub use handle::{ChangeEvent, Changes, DocHandle, SaveState};
 pub use history::{ChangeInfo, HistoryError};
 pub use presence::{PeerPresence, PeerSet, Presence, PresenceConfig, PresenceError};
 pub use repairs::Repairs;
-pub use text::{TextError, TextIndex, TextMark};
+pub use text::{TextError, TextIndex, TextMark, TextPatch};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

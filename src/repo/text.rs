@@ -10,13 +10,18 @@
 //!
 //! The free functions ([`splice`], [`mark`], [`marks`], [`cursor`]...) work on any Automerge
 //! document or transaction; the [`DocHandle`] methods wrap them in one change each.
+//!
+//! Patches (from [`DocHandle::changes`] or [`DocHandle::diff`]) count text in the document's
+//! unit too. [`text_patches`] (and [`crate::repo::ChangeEvent::text_patches`]) turn those of
+//! one text object into [`TextPatch`]es in the editor's unit, ready to apply to its buffer.
 
 use std::ops::Range;
 
-use automerge::marks::{ExpandMark, Mark};
+use automerge::marks::{ExpandMark, Mark, MarkSet};
 use automerge::transaction::{Transactable, Transaction};
 use automerge::{
-    AutomergeError, Cursor, CursorPosition, ObjId, ReadDoc, ScalarValue, TextEncoding,
+    AutomergeError, Cursor, CursorPosition, ObjId, Patch, PatchAction, ReadDoc, ScalarValue,
+    TextEncoding,
 };
 
 use super::{DocHandle, RepoError};
@@ -47,6 +52,11 @@ pub enum TextError {
     NotText,
     #[error("the document counts text in {0:?}, which sheaf does not convert")]
     UnsupportedEncoding(TextEncoding),
+    /// Patch number `patch` (from 0) of those given does not fit the text as the patches
+    /// before it left it (they were not made from that text), or overwrites an element in
+    /// place, which text edits never do.
+    #[error("patch {patch} does not fit the text it applies to")]
+    PatchMismatch { patch: usize },
     #[error(transparent)]
     Automerge(#[from] AutomergeError),
     #[error(transparent)]
@@ -65,6 +75,23 @@ pub struct TextMark {
     pub name: String,
     pub value: ScalarValue,
     pub range: Range<usize>,
+}
+
+/// One change to a text object, with offsets in the caller's unit. Apply a list of them in
+/// order: each offset counts in the text as the patches before it left it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TextPatch {
+    /// `value` was inserted at `index`; `marks` are the marks over the inserted text.
+    SpliceText {
+        index: usize,
+        value: String,
+        marks: Option<MarkSet>,
+    },
+    /// `length` units were deleted at `index`.
+    DeleteSeq { index: usize, length: usize },
+    /// Marks were set over these ranges (a null value removes the mark there). The text
+    /// does not change.
+    Mark { marks: Vec<TextMark> },
 }
 
 /// The document's native unit, as far as sheaf converts.
@@ -167,6 +194,117 @@ fn from_native(
 ) -> Result<usize, TextError> {
     let c = to_chars(s, offset, native(enc)?, unit)?;
     Ok(from_chars(s, c, unit.into()))
+}
+
+/// Where native offset `at` is in `s`: its byte offset and its offset in `unit`; `None` if it
+/// is past the end or inside a character.
+fn locate(s: &str, at: usize, n: Native, unit: TextIndex) -> Option<(usize, usize)> {
+    let (mut native, mut out) = (0, 0);
+    for (b, c) in s.char_indices() {
+        if native == at {
+            return Some((b, out));
+        }
+        if native > at {
+            return None;
+        }
+        native += char_width(c, n);
+        out += char_width(c, unit.into());
+    }
+    (native == at).then_some((s.len(), out))
+}
+
+/// The patches of `patches` that change text object `obj`, with offsets in `unit`.
+///
+/// `before` is the text as it was before the first patch, and `encoding` the document's
+/// ([`ReadDoc::text_encoding`]); patches on other objects are skipped. Patches of one change
+/// set follow each other: each index counts in the text as the patches before it left it,
+/// so they are applied to a copy of `before` one by one and converted against it (a walk of
+/// the text per patch). Elements that are not characters (JS rich-text blocks) count as
+/// U+FFFC, as in [`ReadDoc::text`]. Fails with [`TextError::PatchMismatch`] if a patch does
+/// not fit.
+pub fn text_patches(
+    before: &str,
+    patches: &[Patch],
+    obj: &ObjId,
+    encoding: TextEncoding,
+    unit: TextIndex,
+) -> Result<Vec<TextPatch>, TextError> {
+    let n = native(encoding)?;
+    let mut s = before.to_string();
+    let mut out = Vec::new();
+    for (i, p) in patches.iter().enumerate().filter(|(_, p)| &p.obj == obj) {
+        let mismatch = TextError::PatchMismatch { patch: i };
+        match &p.action {
+            PatchAction::SpliceText {
+                index,
+                value,
+                marks,
+            } => {
+                let (b, at) = locate(&s, *index, n, unit).ok_or(mismatch)?;
+                let value = value.make_string();
+                s.insert_str(b, &value);
+                out.push(TextPatch::SpliceText {
+                    index: at,
+                    value,
+                    marks: marks.clone(),
+                });
+            }
+            PatchAction::DeleteSeq { index, length } => {
+                let (b, at) = locate(&s, *index, n, unit).ok_or(mismatch)?;
+                let (len_b, len) = locate(&s[b..], *length, n, unit)
+                    .ok_or(TextError::PatchMismatch { patch: i })?;
+                s.replace_range(b..b + len_b, "");
+                out.push(TextPatch::DeleteSeq {
+                    index: at,
+                    length: len,
+                });
+            }
+            PatchAction::Mark { marks } => {
+                let marks = marks
+                    .iter()
+                    .map(|m| {
+                        let (_, start) = locate(&s, m.start, n, unit)?;
+                        let (_, end) = locate(&s, m.end, n, unit)?;
+                        Some(TextMark {
+                            name: m.name().to_string(),
+                            value: m.value().clone(),
+                            range: start..end,
+                        })
+                    })
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or(mismatch)?;
+                out.push(TextPatch::Mark { marks });
+            }
+            // Elements that are not characters (JS rich-text blocks, say) read as U+FFFC in
+            // `ReadDoc::text`: inserting them inserts that.
+            PatchAction::Insert { index, values } => {
+                let (b, at) = locate(&s, *index, n, unit).ok_or(mismatch)?;
+                let value: String = values
+                    .iter()
+                    .map(|(v, _, _)| match v {
+                        automerge::Value::Scalar(sv) => match sv.as_ref() {
+                            ScalarValue::Str(t) => t.to_string(),
+                            _ => "\u{fffc}".to_string(),
+                        },
+                        automerge::Value::Object(_) => "\u{fffc}".to_string(),
+                    })
+                    .collect();
+                s.insert_str(b, &value);
+                out.push(TextPatch::SpliceText {
+                    index: at,
+                    value,
+                    marks: None,
+                });
+            }
+            // The text reads the same.
+            PatchAction::Increment { .. } | PatchAction::Conflict { .. } => {}
+            // Overwriting an element in place: not something text editing does.
+            PatchAction::PutSeq { .. }
+            | PatchAction::PutMap { .. }
+            | PatchAction::DeleteMap { .. } => return Err(mismatch),
+        }
+    }
+    Ok(out)
 }
 
 fn text_of<D: ReadDoc>(doc: &D, obj: &ObjId) -> Result<String, TextError> {
@@ -387,6 +525,178 @@ impl DocHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use automerge::{Automerge, ObjType, ROOT};
+
+    /// A note whose "text" is `s`, and that text's id.
+    fn doc_with(s: &str) -> (Automerge, ObjId) {
+        let mut doc = Automerge::new();
+        let mut tx = doc.transaction();
+        let t = tx.put_object(ROOT, "text", ObjType::Text).unwrap();
+        tx.splice_text(&t, 0, 0, s).unwrap();
+        tx.commit();
+        (doc, t)
+    }
+
+    fn change(doc: &mut Automerge, f: impl FnOnce(&mut Transaction<'_>)) -> Vec<Patch> {
+        let before = doc.get_heads();
+        let mut tx = doc.transaction();
+        f(&mut tx);
+        tx.commit();
+        doc.diff(&before, &doc.get_heads())
+    }
+
+    /// Apply text patches in UTF-16 units to a UTF-16 buffer, as a JS editor would.
+    fn apply_utf16(view: &mut Vec<u16>, patches: &[TextPatch]) {
+        for p in patches {
+            match p {
+                TextPatch::SpliceText { index, value, .. } => {
+                    let at = *index;
+                    view.splice(at..at, value.encode_utf16());
+                }
+                TextPatch::DeleteSeq { index, length } => {
+                    view.drain(*index..*index + *length);
+                }
+                TextPatch::Mark { marks } => {
+                    for m in marks {
+                        assert!(m.range.start <= m.range.end && m.range.end <= view.len());
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn patches_after_an_emoji_convert_to_utf16() {
+        let (mut doc, t) = doc_with("a😀b");
+        let enc = doc.text_encoding();
+        // insert after the emoji: code point 2, UTF-16 unit 3
+        let p = change(&mut doc, |tx| tx.splice_text(&t, 2, 0, "xy").unwrap());
+        let cp = text_patches("a😀b", &p, &t, enc, TextIndex::CodePoints).unwrap();
+        let u16 = text_patches("a😀b", &p, &t, enc, TextIndex::Utf16).unwrap();
+        let splice = |index: usize| TextPatch::SpliceText {
+            index,
+            value: "xy".into(),
+            marks: None,
+        };
+        assert_eq!((cp, u16), (vec![splice(2)], vec![splice(3)]));
+        // delete the emoji: one code point, two UTF-16 units
+        let p = change(&mut doc, |tx| tx.splice_text(&t, 1, 1, "").unwrap());
+        assert_eq!(
+            text_patches("a😀xyb", &p, &t, enc, TextIndex::Utf16).unwrap(),
+            vec![TextPatch::DeleteSeq {
+                index: 1,
+                length: 2
+            }]
+        );
+        // a mark over an emoji
+        let (mut doc, t) = doc_with("a😀b");
+        let p = change(&mut doc, |tx| {
+            tx.mark(&t, Mark::new("bold".into(), true, 1, 3), ExpandMark::None)
+                .unwrap()
+        });
+        let got = text_patches("a😀b", &p, &t, enc, TextIndex::Utf16).unwrap();
+        assert_eq!(
+            got,
+            vec![TextPatch::Mark {
+                marks: vec![TextMark {
+                    name: "bold".into(),
+                    value: ScalarValue::Boolean(true),
+                    range: 1..4,
+                }]
+            }]
+        );
+        // patches that were not made from this text
+        assert!(matches!(
+            text_patches("", &p, &t, enc, TextIndex::Utf16),
+            Err(TextError::PatchMismatch { patch: 0 })
+        ));
+    }
+
+    #[test]
+    fn each_patch_counts_in_the_text_the_previous_ones_left() {
+        let (mut doc, t) = doc_with("a😀b");
+        let enc = doc.text_encoding();
+        // Three splices in one change: insert after the emoji, delete the leading "a" (which
+        // shifts everything after it), insert at the end.
+        let p = change(&mut doc, |tx| {
+            tx.splice_text(&t, 2, 0, "🎉").unwrap(); // a😀🎉b
+            tx.splice_text(&t, 0, 1, "").unwrap(); // 😀🎉b
+            tx.splice_text(&t, 3, 0, "!").unwrap(); // 😀🎉b!
+        });
+        assert_eq!(doc.text(&t).unwrap(), "😀🎉b!");
+        assert!(p.len() >= 3, "{p:?}");
+        let got = text_patches("a😀b", &p, &t, enc, TextIndex::Utf16).unwrap();
+        assert_eq!(
+            got,
+            vec![
+                TextPatch::DeleteSeq {
+                    index: 0,
+                    length: 1
+                },
+                TextPatch::SpliceText {
+                    index: 2,
+                    value: "🎉".into(),
+                    marks: None
+                },
+                TextPatch::SpliceText {
+                    index: 5,
+                    value: "!".into(),
+                    marks: None
+                },
+            ]
+        );
+
+        // Many random edits (emoji and marks included) between random versions: the UTF-16
+        // patches always take the UTF-16 text from one version to the other.
+        let (mut doc, t) = doc_with("héllo 😀 wörld");
+        let mut versions = vec![doc.get_heads()];
+        let mut seed = 7u64;
+        let mut next = |n: usize| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) as usize % n.max(1)
+        };
+        let pieces = ["x", "😀", "é", "👋🏽", "ab", "\n"];
+        for _ in 0..60 {
+            let mut tx = doc.transaction();
+            for _ in 0..1 + next(3) {
+                let len = tx.length(&t);
+                let at = next(len + 1);
+                match next(3) {
+                    0 if len > at => {
+                        let del = 1 + next((len - at).min(3));
+                        tx.splice_text(&t, at, del as isize, "").unwrap();
+                    }
+                    1 if len > at + 1 => {
+                        let m = Mark::new("em".into(), true, at, at + 2);
+                        tx.mark(&t, m, ExpandMark::After).unwrap();
+                    }
+                    _ => {
+                        let piece = pieces[next(pieces.len())];
+                        tx.splice_text(&t, at, 0, piece).unwrap();
+                    }
+                }
+            }
+            tx.commit();
+            versions.push(doc.get_heads());
+        }
+        for _ in 0..100 {
+            let (a, b) = (
+                &versions[next(versions.len())],
+                &versions[next(versions.len())],
+            );
+            let before = doc.text_at(&t, a).unwrap();
+            let patches = doc.diff(a, b);
+            let tp = text_patches(&before, &patches, &t, enc, TextIndex::Utf16).unwrap();
+            let mut view: Vec<u16> = before.encode_utf16().collect();
+            apply_utf16(&mut view, &tp);
+            assert_eq!(
+                String::from_utf16(&view).unwrap(),
+                doc.text_at(&t, b).unwrap()
+            );
+        }
+    }
 
     #[test]
     fn utf16_offsets_around_emoji() {

@@ -37,7 +37,14 @@
 //!   occurrence a repair kept, the value can end up gone: the user removed it.)
 //! - [`RequiredField`] recreates a missing field with its default. Two peers recreating it
 //!   at once conflict on the key; Automerge picks the same winner everywhere, and either
-//!   value is valid.
+//!   value is valid. The repair restores the *default*, not what was there: when one side
+//!   deletes an object field (a text, a list, a map) while the other edits inside it, the
+//!   delete wins in Automerge (the edits went into the deleted object), so the field comes
+//!   back empty or as the default and the other side's concurrent edits are lost from the
+//!   note. They stay in its history ([`crate::DocHandle::json_at`] or
+//!   [`crate::Repo::fork`] at the editor's old heads recovers them). A concurrent
+//!   *overwrite* of the field itself (a new value put at the key) survives the delete, and
+//!   nothing is repaired.
 //!
 //! An app-defined invariant must keep the same two properties. A repair that fails, panics
 //! or does not restore its invariant is rolled back and reported

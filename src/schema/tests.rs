@@ -257,6 +257,26 @@ fn a_required_field_deleted_on_one_side_and_edited_on_the_other_comes_back_once(
 }
 
 #[test]
+fn a_required_field_overwritten_while_deleted_elsewhere_survives_unrepaired() {
+    // The module docs: a new value put at the key survives a concurrent delete.
+    let s = schema();
+    let base = task();
+    let mut a = fork(&base, 1);
+    let mut b = fork(&base, 2);
+    let meta = list(&a, "meta");
+    let mut tx = a.transaction();
+    tx.delete(&meta, "title").unwrap();
+    tx.commit();
+    let mut tx = b.transaction();
+    tx.put(&meta, "title", "a new title").unwrap();
+    tx.commit();
+    let b0 = b.clone();
+    merge_into(&mut a, &b0);
+    assert!(enforce_at(&s, &mut a).is_empty());
+    assert_eq!(json(&a)["meta"]["title"], "a new title");
+}
+
+#[test]
 fn a_missing_parent_map_is_recreated_with_the_field() {
     let s = schema();
     let mut doc = task();
