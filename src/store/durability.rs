@@ -108,7 +108,7 @@ impl Durability {
     }
 }
 
-pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
     #[cfg(unix)]
     {
         File::open(dir)?.sync_all()

@@ -13,10 +13,9 @@
 //!   (`load`): one bad chunk costs the edits in it, not the note.
 //! - **Durable means fsynced.** sled's `flush()` is `sync_file_range`, which survives a process
 //!   crash but not power loss, and sled never fsyncs its blob files. A single writer thread
-//!   group-commits (`writer`): each batch, shared by every waiting writer, is appended to a
-//!   commit log and fdatasynced (one trip to the device, `wal`), applied to sled, and only then
-//!   are the callbacks run. Checkpoints make sled itself durable (flush, fdatasync, blob
-//!   fsyncs, `durability`) and start the log over; opening replays what the log holds.
+//!   group-commits (`writer`): one sled transaction, one flush and one fdatasync (plus fsyncs
+//!   of new blob files, see `durability`) per batch, shared by every waiting writer, and only
+//!   then the callbacks.
 //! - **Cheap open and list.** A separate `docs` tree holds one key per document, so
 //!   [`Store::list_documents`] reads ids only; sizes for the compaction policy are learned
 //!   lazily (`sizes`), nothing is scanned at open.
@@ -26,8 +25,6 @@
 //! - `data`: chunks and sync states of every document, keyed by document id first.
 //! - `docs`: the document index (`[id: 16] -> []`).
 //! - `quarantine`: chunks that failed verification, under their original key, bytes untouched.
-//!
-//! Beside sled's files, `sheaf.wal` is the commit log.
 
 mod checksum;
 mod config;
@@ -39,7 +36,6 @@ mod plan;
 mod sizes;
 mod stats;
 mod validate;
-mod wal;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -113,9 +109,8 @@ impl Store {
             }
         };
         let counters = Arc::new(Counters::default());
-        let mut durability = Durability::open(path, &counters)?;
-        let wal = recover(path, &db, &mut durability, &counters)?;
-        Self::start(db, Some(durability), Some(wal), config, counters)
+        let durability = Durability::open(path, &counters)?;
+        Self::start(db, Some(durability), config, counters)
     }
 
     /// A store in a temporary directory that sled deletes on drop; not fsynced. For tests.
@@ -125,13 +120,12 @@ impl Store {
             .temporary(true)
             .cache_capacity(config.cache_capacity_bytes)
             .open()?;
-        Self::start(db, None, None, config, Arc::new(Counters::default()))
+        Self::start(db, None, config, Arc::new(Counters::default()))
     }
 
     fn start(
         db: sled::Db,
         durability: Option<Durability>,
-        wal: Option<wal::Wal>,
         config: StoreConfig,
         counters: Arc<Counters>,
     ) -> Result<Store, StoreError> {
@@ -145,7 +139,6 @@ impl Store {
             data: data.clone(),
             docs: docs.clone(),
             durability,
-            wal,
             sizes: sizes.clone(),
             counters: counters.clone(),
             config: config.clone(),
@@ -280,59 +273,6 @@ impl Drop for Inner {
             }
         }
     }
-}
-
-/// Applies what the commit log holds beyond sled's last checkpoint, makes sled durable and
-/// starts the log over (see `wal`).
-fn recover(
-    path: &Path,
-    db: &sled::Db,
-    durability: &mut Durability,
-    counters: &Counters,
-) -> Result<wal::Wal, StoreError> {
-    let data = db.open_tree("data")?;
-    let docs = db.open_tree("docs")?;
-    let mut max_seq = 0u64;
-    let (mut log, replay) = wal::Wal::open(path, |entries| {
-        let mut d = sled::Batch::default();
-        let mut x = sled::Batch::default();
-        for e in entries {
-            let batch = match e.tree {
-                wal::Tree::Data => {
-                    if let Some(keys::ParsedKey::Chunk { seq, .. }) = keys::parse_key(&e.key) {
-                        max_seq = max_seq.max(seq);
-                    }
-                    &mut d
-                }
-                wal::Tree::Docs => &mut x,
-            };
-            match e.value {
-                Some(v) => batch.insert(e.key, v),
-                None => batch.remove(e.key),
-            }
-        }
-        data.apply_batch(d)?;
-        docs.apply_batch(x)?;
-        Ok(())
-    })?;
-    if let Some(why) = &replay.stopped {
-        tracing::warn!(path = %path.display(), records = replay.records, why = %why, "commit log replay stopped early");
-    } else if replay.records > 0 {
-        tracing::info!(path = %path.display(), records = replay.records, "replayed the commit log");
-    }
-    Counters::add(&counters.replayed_records, replay.records);
-    if replay.records > 0 {
-        // Chunk keys sort by sled's id counter; new chunks must sort after replayed ones, even
-        // if sled lost the counter's last persisted step with the power.
-        let mut tries = 0u32;
-        while db.generate_id()? <= max_seq && tries < 1 << 22 {
-            tries += 1;
-        }
-        db.flush()?;
-        durability.sync(counters)?;
-    }
-    log.checkpoint()?;
-    Ok(log)
 }
 
 fn map_open_error(path: &Path, e: sled::Error) -> StoreError {

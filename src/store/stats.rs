@@ -5,8 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 /// A snapshot of the store's counters since open.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StoreStats {
-    /// `fdatasync` calls that made a committed batch durable: one per batch (of the commit log,
-    /// or of sled's database file for a store without one).
+    /// `fdatasync` calls on the database file: one per committed batch.
     pub fsyncs: u64,
     /// `fsync` calls on sled blob files and the `blobs/` directory (see `durability`).
     pub blob_fsyncs: u64,
@@ -22,17 +21,11 @@ pub struct StoreStats {
     pub bytes_written: u64,
     /// Chunks found corrupt and quarantined by `load`.
     pub corrupt_chunks: u64,
-    /// Time the writer spent in each phase, in nanoseconds: building each batch's plan and
-    /// applying it to sled; sled's `flush()` plus its `fdatasync` and blob fsyncs (at
-    /// checkpoints, or per batch without a commit log); appending each batch to the commit log
-    /// and its `fdatasync`.
+    /// Time the writer spent in each phase of its batches, in nanoseconds: building the plan
+    /// and applying it in a sled transaction; sled's `flush()`; `fdatasync` plus blob fsyncs.
     pub apply_nanos: u64,
     pub flush_nanos: u64,
     pub sync_nanos: u64,
-    /// Checkpoints: sled made durable, the commit log started over (see `store::wal`).
-    pub checkpoints: u64,
-    /// Commit-log records applied again when the store was opened.
-    pub replayed_records: u64,
 }
 
 #[derive(Debug, Default)]
@@ -48,8 +41,6 @@ pub(crate) struct Counters {
     pub apply_nanos: AtomicU64,
     pub flush_nanos: AtomicU64,
     pub sync_nanos: AtomicU64,
-    pub checkpoints: AtomicU64,
-    pub replayed_records: AtomicU64,
 }
 
 impl Counters {
@@ -77,8 +68,6 @@ impl Counters {
             apply_nanos: self.apply_nanos.load(Relaxed),
             flush_nanos: self.flush_nanos.load(Relaxed),
             sync_nanos: self.sync_nanos.load(Relaxed),
-            checkpoints: self.checkpoints.load(Relaxed),
-            replayed_records: self.replayed_records.load(Relaxed),
         }
     }
 }

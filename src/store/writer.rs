@@ -1,17 +1,13 @@
 //! The single writer thread: group commit.
 //!
 //! Every `write` becomes a request on a channel. The writer blocks for one request, then takes
-//! every other request already waiting (up to `max_batch_ops` / `max_batch_bytes`) and resolves
-//! all their ops into one [`Plan`] of key writes. The plan is appended to the commit log and
-//! fdatasynced (see `wal`), applied to sled atomically (one sled batch, or one transaction when
-//! the `docs` index changes too), and only then are the callbacks run. Concurrent writers
-//! therefore share one fsync: the more of them there are, the bigger the batches. Every few
-//! MiB or seconds, after the callbacks, a checkpoint makes sled durable (`Db::flush()`, then
-//! [`Durability::sync`]) and starts the log over.
+//! every other request already waiting (up to `max_batch_ops` / `max_batch_bytes`), applies
+//! all their ops atomically (one sled batch, or one transaction when the `docs` index changes
+//! too), calls `Db::flush()`, then [`Durability::sync`] (fdatasync of the log, fsync of new
+//! blob files), and only then runs the callbacks. Concurrent writers therefore share one
+//! flush and one fsync: the more of them there are, the bigger the batches.
 //!
-//! A store without a commit log (a temporary one) flushes sled per batch instead.
-//!
-//! A failed write or fsync poisons the writer: after a failed fsync the kernel may have dropped
+//! A failed flush or fsync poisons the writer: after a failed fsync the kernel may have dropped
 //! the dirty pages, so no later write could honestly be called durable. Every later request
 //! fails with [`StoreError::Poisoned`] until the store is reopened.
 
@@ -27,7 +23,6 @@ use super::keys::chunk_range;
 use super::plan::{Committed, Plan, WriteOp};
 use super::sizes::SizeTable;
 use super::stats::Counters;
-use super::wal::{Payload, Tree, Wal};
 use super::StoreError;
 use crate::id::DocumentId;
 
@@ -43,8 +38,6 @@ pub(crate) struct Writer {
     pub data: sled::Tree,
     pub docs: sled::Tree,
     pub durability: Option<Durability>,
-    /// `None` for a temporary store.
-    pub wal: Option<Wal>,
     pub sizes: Arc<SizeTable>,
     pub counters: Arc<Counters>,
     pub config: StoreConfig,
@@ -91,33 +84,7 @@ impl Writer {
             }
             self.commit_group(group);
         }
-        // Closing: leave sled durable and the log empty, so the next open replays nothing.
-        if self.wal.as_ref().is_some_and(|w| w.pending_bytes() > 0) && self.poisoned.is_none() {
-            if let Err(e) = self.checkpoint() {
-                tracing::error!(error = %e, "final checkpoint failed; the commit log will be replayed at the next open");
-            }
-        }
         tracing::debug!("store writer: channel closed, exiting");
-    }
-
-    /// Makes sled durable, then starts the commit log over. Poisons the writer on failure.
-    fn checkpoint(&mut self) -> Result<(), StoreError> {
-        let mut lap = std::time::Instant::now();
-        let r = self.db.flush().map_err(StoreError::from).and_then(|_| {
-            if let Some(d) = &mut self.durability {
-                d.sync(&self.counters)?;
-            }
-            if let Some(w) = &mut self.wal {
-                w.checkpoint()?;
-            }
-            Ok(())
-        });
-        Counters::lap(&self.counters.flush_nanos, &mut lap);
-        match &r {
-            Ok(()) => Counters::add(&self.counters.checkpoints, 1),
-            Err(e) => self.poisoned = Some(e.to_string()),
-        }
-        r
     }
 
     fn commit_group(&mut self, group: Vec<Request>) {
@@ -175,74 +142,9 @@ impl Writer {
                 tracing::error!("a store write callback panicked; the writer carries on");
             }
         }
-        if self.poisoned.is_none() && self.wal.as_ref().is_some_and(Wal::wants_checkpoint) {
-            if let Err(e) = self.checkpoint() {
-                tracing::error!(error = %e, "checkpoint failed; the store is poisoned");
-            }
-        }
-    }
-
-    /// The plan's key writes as a commit-log record.
-    fn payload(plan: &Plan) -> Payload {
-        let mut p = Payload::default();
-        for (k, v) in &plan.data {
-            p.put(Tree::Data, k, v.as_deref());
-        }
-        for (k, listed) in &plan.docs {
-            p.put(Tree::Docs, k, listed.then_some(&[][..]));
-        }
-        p
-    }
-
-    /// Group commit through the commit log: one append and one fdatasync, then sled.
-    fn commit_logged(&mut self, plan: &Plan, lap: &mut std::time::Instant) -> Result<(), StoreError> {
-        let payload = Self::payload(plan);
-        if payload.is_empty() {
-            return Ok(());
-        }
-        Counters::lap(&self.counters.apply_nanos, lap);
-        let logged = match &mut self.wal {
-            Some(w) => w.append(&payload),
-            None => Ok(()),
-        };
-        Counters::lap(&self.counters.sync_nanos, lap);
-        let r = logged.and_then(|()| {
-            Counters::add(&self.counters.fsyncs, 1);
-            // Durable from here on. A failure to apply leaves sled behind the log: poison, and
-            // the next open applies the record.
-            self.apply(plan)
-        });
-        Counters::lap(&self.counters.apply_nanos, lap);
-        if let Err(e) = &r {
-            self.poisoned = Some(e.to_string());
-        }
-        r
     }
 
     fn commit(&mut self, plan: &Plan, lap: &mut std::time::Instant) -> Result<(), StoreError> {
-        if self.wal.is_some() {
-            return self.commit_logged(plan, lap);
-        }
-        self.apply(plan)?;
-        Counters::lap(&self.counters.apply_nanos, lap);
-        // From here on a failure leaves the log in an unknown state: poison.
-        let synced = self.db.flush().map_err(StoreError::from).and_then(|_| {
-            Counters::lap(&self.counters.flush_nanos, lap);
-            let r = match &mut self.durability {
-                Some(d) => d.sync(&self.counters),
-                None => Ok(()),
-            };
-            Counters::lap(&self.counters.sync_nanos, lap);
-            r
-        });
-        if let Err(e) = &synced {
-            self.poisoned = Some(e.to_string());
-        }
-        synced
-    }
-
-    /// Applies the plan's key writes to sled atomically.
-    fn apply(&self, plan: &Plan) -> Result<(), StoreError> {
         if !plan.data.is_empty() || !plan.docs.is_empty() {
             let mut data = sled::Batch::default();
             for (k, v) in &plan.data {
@@ -278,6 +180,20 @@ impl Writer {
                     })?;
             }
         }
-        Ok(())
+        Counters::lap(&self.counters.apply_nanos, lap);
+        // From here on a failure leaves the log in an unknown state: poison.
+        let synced = self.db.flush().map_err(StoreError::from).and_then(|_| {
+            Counters::lap(&self.counters.flush_nanos, lap);
+            let r = match &mut self.durability {
+                Some(d) => d.sync(&self.counters),
+                None => Ok(()),
+            };
+            Counters::lap(&self.counters.sync_nanos, lap);
+            r
+        });
+        if let Err(e) = &synced {
+            self.poisoned = Some(e.to_string());
+        }
+        synced
     }
 }
