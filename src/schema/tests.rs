@@ -71,6 +71,13 @@ fn merge_into(a: &mut Automerge, b: &Automerge) {
     a.merge(&mut b.clone()).unwrap();
 }
 
+/// Each replica merges what the other had (as of before this call).
+fn exchange(a: &mut Automerge, b: &mut Automerge) {
+    let (a0, b0) = (a.clone(), b.clone());
+    merge_into(a, &b0);
+    merge_into(b, &a0);
+}
+
 fn json(doc: &Automerge) -> serde_json::Value {
     serde_json::to_value(automerge::AutoSerde::from(doc)).unwrap()
 }
@@ -120,9 +127,7 @@ fn two_replicas_adding_the_same_tag_repair_to_one_identical_state() {
     add_tag(&mut b, "urgent");
     add_tag(&mut b, "home");
     // Each replica merges the other's change and repairs on its own.
-    let (a_only, b_only) = (a.clone(), b.clone());
-    merge_into(&mut a, &b_only);
-    merge_into(&mut b, &a_only);
+    exchange(&mut a, &mut b);
     assert_eq!(tags(&a).iter().filter(|t| *t == "urgent").count(), 2);
     let ea = enforce_at(&s, &mut a);
     let eb = enforce_at(&s, &mut b);
@@ -138,9 +143,7 @@ fn two_replicas_adding_the_same_tag_repair_to_one_identical_state() {
     // Both deleted the same element: identical content before they even hear of each other.
     assert_eq!(json(&a), json(&b));
     // Their repairs merge to a state that needs no more repair.
-    let (ra, rb) = (a.clone(), b.clone());
-    merge_into(&mut a, &rb);
-    merge_into(&mut b, &ra);
+    exchange(&mut a, &mut b);
     assert_eq!(a.get_heads(), b.get_heads());
     assert!(enforce_at(&s, &mut a).is_empty());
     let mut t = tags(&a);
@@ -238,16 +241,12 @@ fn a_required_field_deleted_on_one_side_and_edited_on_the_other_comes_back_once(
     let mut tx = b.transaction();
     tx.splice_text(&title, 0, 0, "please ").unwrap();
     tx.commit();
-    let (a0, b0) = (a.clone(), b.clone());
-    merge_into(&mut a, &b0);
-    merge_into(&mut b, &a0);
+    exchange(&mut a, &mut b);
     let ea = enforce_at(&s, &mut a);
     let eb = enforce_at(&s, &mut b);
     assert_eq!((ea.len(), eb.len()), (1, 1));
     assert_eq!(ea[0].invariant, "required meta.title");
-    let (ra, rb) = (a.clone(), b.clone());
-    merge_into(&mut a, &rb);
-    merge_into(&mut b, &ra);
+    exchange(&mut a, &mut b);
     assert_eq!(json(&a), json(&b));
     assert_eq!(json(&a)["meta"]["title"], "untitled");
     // Two concurrent recreations conflict on the key: automerge keeps both, picks one.
