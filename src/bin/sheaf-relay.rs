@@ -117,6 +117,10 @@ struct Args {
     /// The longest pause apply pacing makes, in milliseconds.
     #[arg(long, env = "SHEAF_APPLY_PACING_MAX_MS", default_value_t = ApplyPacing::default().max_ms)]
     apply_pacing_max_ms: u64,
+    /// A peer that has not answered the last message that carried changes gets nothing new
+    /// for up to this many milliseconds, then one message with everything new.
+    #[arg(long, env = "SHEAF_MAX_HOLD_MS", default_value_t = EngineConfig::relay(PeerId::new("-"), None).max_hold_ms)]
+    max_hold_ms: u64,
     #[command(flatten)]
     keys: KeyArgs,
     /// Serve a non-loopback address without tokens: anyone who knows a document id can
@@ -212,6 +216,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         max_ms: args.apply_pacing_max_ms,
         ..ApplyPacing::default()
     };
+    engine.max_hold_ms = args.max_hold_ms;
     config.engine = Some(engine);
     let repo = Repo::open_with(&args.data_dir, config)
         .with_context(|| format!("opening data directory {}", args.data_dir.display()))?;
