@@ -42,6 +42,51 @@ fn fails(o: Output) -> String {
 }
 
 #[test]
+fn cat_at_heads_reads_the_field_as_it_was_then() {
+    use automerge::transaction::Transactable;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    // `body` was text, then became a string; `later` did not exist yet
+    let mut d = automerge::AutoCommit::new();
+    let body = d
+        .put_object(automerge::ROOT, "body", automerge::ObjType::Text)
+        .unwrap();
+    d.splice_text(&body, 0, 0, "first draft").unwrap();
+    d.commit();
+    let then = d.get_heads();
+    d.put(automerge::ROOT, "body", "a plain string now")
+        .unwrap();
+    let later = d
+        .put_object(automerge::ROOT, "later", automerge::ObjType::Text)
+        .unwrap();
+    d.splice_text(&later, 0, 0, "added later").unwrap();
+    d.commit();
+    let file = tmp.path().join("note.am");
+    std::fs::write(&file, d.save()).unwrap();
+    let url: AutomergeUrl = ok(sheaf(&dir, &["import", file.to_str().unwrap()]))
+        .trim()
+        .parse()
+        .unwrap();
+    let at = AutomergeUrl {
+        id: url.id,
+        heads: Some(then),
+    }
+    .to_string();
+    assert_eq!(
+        ok(sheaf(&dir, &["cat", &at, "--text", "body"])),
+        "first draft\n"
+    );
+    let e = fails(sheaf(&dir, &["cat", &url.to_string(), "--text", "body"]));
+    assert!(e.contains("field \"body\" is a string, not text"), "{e}");
+    let e = fails(sheaf(&dir, &["cat", &at, "--text", "later"]));
+    assert!(e.contains("has no field \"later\""), "{e}");
+    assert_eq!(
+        ok(sheaf(&dir, &["cat", &url.to_string(), "--text", "later"])),
+        "added later\n"
+    );
+}
+
+#[test]
 fn new_ls_cat_edit_log_export_import() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("data");

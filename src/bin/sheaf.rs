@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use automerge::transaction::{CommitOptions, Transactable, Transaction};
-use automerge::{AutomergeError, ObjId, ObjType, ReadDoc, ScalarValue, Value, ROOT};
+use automerge::{AutomergeError, ChangeHash, ObjId, ObjType, ReadDoc, ScalarValue, Value, ROOT};
 use clap::{Parser, Subcommand};
 use sheafdb::engine::PeerSyncStatus;
 use sheafdb::id::URL_PREFIX;
@@ -151,7 +151,9 @@ async fn command(repo: &Repo, cmd: Cmd) -> anyhow::Result<()> {
             match text {
                 Some(key) => {
                     let s = h.with_doc(|d| -> anyhow::Result<String> {
-                        let t = text_obj(d, &key)?
+                        // The field as it was at those heads: it may have been text then
+                        // and something else now, or the other way round.
+                        let t = text_obj(d, &key, heads.as_deref())?
                             .ok_or_else(|| anyhow!("{url} has no field {key:?}"))?;
                         Ok(match &heads {
                             Some(hd) => d.text_at(&t, hd)?,
@@ -273,9 +275,18 @@ fn title(d: &automerge::Automerge) -> Option<String> {
     }
 }
 
-/// The text object at root `key`: `None` if absent, an error if something else is there.
-fn text_obj<D: ReadDoc>(d: &D, key: &str) -> anyhow::Result<Option<ObjId>> {
-    let what = match d.get(ROOT, key)? {
+/// The text object at root `key` (at `heads`, or now): `None` if absent, an error if
+/// something else is there.
+fn text_obj<D: ReadDoc>(
+    d: &D,
+    key: &str,
+    heads: Option<&[ChangeHash]>,
+) -> anyhow::Result<Option<ObjId>> {
+    let value = match heads {
+        Some(h) => d.get_at(ROOT, key, h)?,
+        None => d.get(ROOT, key)?,
+    };
+    let what = match value {
         None => return Ok(None),
         Some((Value::Object(ObjType::Text), id)) => return Ok(Some(id)),
         Some((Value::Object(ObjType::Map | ObjType::Table), _)) => "a map",
@@ -303,7 +314,7 @@ async fn edit(repo: &Repo, url: &str, key: &str, message: Option<String>) -> any
         bail!("cannot edit a past version; drop the #heads from the URL");
     }
     let current = h.with_doc(|d| -> anyhow::Result<String> {
-        Ok(match text_obj(d, key)? {
+        Ok(match text_obj(d, key, None)? {
             Some(t) => d.text(&t)?,
             None => String::new(),
         })
