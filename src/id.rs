@@ -21,6 +21,10 @@ pub enum IdError {
     NotAUrl(String),
     #[error("heads in URL are not valid base58check hashes: {0:?}")]
     BadHeads(String),
+    /// A URL with `#heads` names a version of a document; parsing it as a bare
+    /// [`DocumentId`] would silently drop the version.
+    #[error("{0:?} names heads: parse it as an AutomergeUrl to keep them")]
+    HeadsInId(String),
 }
 
 /// A document's id: 16 bytes (a UUID), shown as base58check.
@@ -75,11 +79,15 @@ impl fmt::Debug for DocumentId {
     }
 }
 
+/// A bare id, or an `automerge:<id>` URL without heads (one with heads is an error, not a
+/// version silently dropped: see [`AutomergeUrl`]).
 impl FromStr for DocumentId {
     type Err = IdError;
     fn from_str(s: &str) -> Result<Self, IdError> {
+        if s.contains('#') {
+            return Err(IdError::HeadsInId(s.to_string()));
+        }
         let s = s.strip_prefix(URL_PREFIX).unwrap_or(s);
-        let s = s.split('#').next().unwrap_or(s);
         let bytes = bs58::decode(s)
             .with_check(None)
             .into_vec()
@@ -249,6 +257,19 @@ mod tests {
         assert!(url.starts_with("automerge:"));
         assert_eq!(url.parse::<AutomergeUrl>().unwrap().id, id);
         assert_eq!(url.parse::<DocumentId>().unwrap(), id);
+        // a URL naming a version is not a bare id: the heads are not dropped silently
+        let head = automerge::ChangeHash([3; 32]);
+        let versioned = AutomergeUrl {
+            id,
+            heads: Some(vec![head]),
+        }
+        .to_string();
+        assert!(matches!(
+            versioned.parse::<DocumentId>(),
+            Err(IdError::HeadsInId(_))
+        ));
+        let back: AutomergeUrl = versioned.parse().unwrap();
+        assert_eq!((back.id, back.heads), (id, Some(vec![head])));
     }
 
     #[test]
