@@ -252,7 +252,7 @@ async fn open(
     url: &str,
 ) -> anyhow::Result<(DocHandle, Option<Vec<automerge::ChangeHash>>)> {
     let url = parse_url(url)?;
-    if !repo.list()?.contains(&url.id) {
+    if !repo.contains(&url.id)? {
         bail!("no note {} in this store", AutomergeUrl::new(url.id));
     }
     let h = repo.find(url.id).await?;

@@ -309,6 +309,11 @@ impl Repo {
         Ok(self.inner.store.list_documents()?)
     }
 
+    /// Whether this device stores note `id` (one index lookup; nothing is loaded).
+    pub fn contains(&self, id: &DocumentId) -> Result<bool, RepoError> {
+        Ok(self.inner.store.contains(id)?)
+    }
+
     /// Delete a note from this device (peers keep their copies).
     pub async fn delete(&self, id: DocumentId) -> Result<(), RepoError> {
         self.inner.send(Cmd::Input(Input::Forget { doc: id }))?;
