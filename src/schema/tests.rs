@@ -71,6 +71,14 @@ fn merge_into(a: &mut Automerge, b: &Automerge) {
     a.merge(&mut b.clone()).unwrap();
 }
 
+/// What a peer without the schema may do: delete the required `meta.title`.
+fn delete_title(doc: &mut Automerge) {
+    let meta = list(doc, "meta");
+    let mut tx = doc.transaction();
+    tx.delete(&meta, "title").unwrap();
+    tx.commit();
+}
+
 /// Each replica merges what the other had (as of before this call).
 fn exchange(a: &mut Automerge, b: &mut Automerge) {
     let (a0, b0) = (a.clone(), b.clone());
@@ -232,10 +240,7 @@ fn a_required_field_deleted_on_one_side_and_edited_on_the_other_comes_back_once(
     let mut a = fork(&base, 1);
     let mut b = fork(&base, 2);
     // A peer without the schema deletes the title; another edits it.
-    let meta = list(&a, "meta");
-    let mut tx = a.transaction();
-    tx.delete(&meta, "title").unwrap();
-    tx.commit();
+    delete_title(&mut a);
     let meta_b = list(&b, "meta");
     let title = b.get(&meta_b, "title").unwrap().unwrap().1;
     let mut tx = b.transaction();
@@ -262,10 +267,8 @@ fn a_required_field_overwritten_while_deleted_elsewhere_survives_unrepaired() {
     let base = task();
     let mut a = fork(&base, 1);
     let mut b = fork(&base, 2);
-    let meta = list(&a, "meta");
-    let mut tx = a.transaction();
-    tx.delete(&meta, "title").unwrap();
-    tx.commit();
+    delete_title(&mut a);
+    let meta = list(&b, "meta");
     let mut tx = b.transaction();
     tx.put(&meta, "title", "a new title").unwrap();
     tx.commit();
