@@ -767,6 +767,143 @@ fn a_heads_only_message_batched_with_changes_is_still_acknowledged() {
     assert!(acked, "the relay told the client it has its heads");
 }
 
+/// What a relay persists must reload to the heads it advertises. Remote changes are stored
+/// as the bytes they arrived in when nothing else changed the note; a change that waited
+/// for its dependency is applied by a later batch that does not carry it, so that batch's
+/// bytes are not all that is new, and the chunk must hold the waiting change too.
+#[test]
+fn persisted_chunks_reload_to_the_heads_also_after_a_change_waited_for_its_dependency() {
+    use automerge::sync::{State, SyncDoc};
+    let (mut relay, c) = relay_with_conn();
+    relay.handle(
+        Millis(0),
+        Input::Received {
+            conn: c,
+            msg: join("client", &["1"]),
+        },
+    );
+    let doc = DocumentId::random();
+    let sync = |m: SyncMessage| Message::Sync {
+        sender_id: PeerId::new("client"),
+        target_id: PeerId::new("relay"),
+        document_id: doc,
+        data: m.encode(),
+    };
+    // Feed one input, answer every write as durable, keep the chunks in write order.
+    let mut chunks: Vec<Vec<u8>> = Vec::new();
+    let mut now = 0;
+    let mut feed = |relay: &mut Engine, input: Input| -> Vec<Effect> {
+        now += 1;
+        let mut out = Vec::new();
+        let mut pending = relay.handle(Millis(now), input);
+        while !pending.is_empty() {
+            let mut next = Vec::new();
+            for e in pending {
+                if let Effect::Persist { seq, chunk, .. } = &e {
+                    chunks.push(chunk.clone());
+                    now += 1;
+                    next.extend(relay.handle(
+                        Millis(now),
+                        Input::Persisted {
+                            doc,
+                            seq: *seq,
+                            ok: true,
+                        },
+                    ));
+                }
+                out.push(e);
+            }
+            pending = next;
+        }
+        out
+    };
+    let replies = |effects: &[Effect]| -> Vec<SyncMessage> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Send {
+                    msg: Message::Sync { data, .. } | Message::Request { data, .. },
+                    ..
+                } => Some(SyncMessage::decode(data).unwrap()),
+                _ => None,
+            })
+            .collect()
+    };
+
+    // The client uploads its note.
+    let mut client = note("hello");
+    let mut st = State::new();
+    let opening = client.generate_sync_message(&mut st).unwrap();
+    feed(
+        &mut relay,
+        Input::Received {
+            conn: c,
+            msg: sync(opening),
+        },
+    );
+    let effects = feed(&mut relay, Input::Loaded { doc, loaded: None });
+    for m in replies(&effects) {
+        client.receive_sync_message(&mut st, m).unwrap();
+    }
+    let upload = client.generate_sync_message(&mut st).unwrap();
+    assert!(!upload.changes.is_empty());
+    feed(
+        &mut relay,
+        Input::Received {
+            conn: c,
+            msg: sync(upload),
+        },
+    );
+
+    // Two more changes, the second depending on the first; the second arrives first.
+    let t = client.get(ROOT, "text").unwrap().unwrap().1;
+    let mut change = |text: &str| {
+        let mut tx = client.transaction();
+        tx.splice_text(&t, 0, 0, text).unwrap();
+        tx.commit();
+        client.get_last_local_change().unwrap().raw_bytes().to_vec()
+    };
+    let first = change("1");
+    let second = change("2");
+    let mut carrying = |bytes: Vec<u8>| {
+        let mut m = client.generate_sync_message(&mut st).unwrap_or_else(|| {
+            st.in_flight = false;
+            st.have_responded = false;
+            client.generate_sync_message(&mut st).unwrap()
+        });
+        m.changes = ChunkList::from(vec![bytes]);
+        m
+    };
+    let early = carrying(second);
+    feed(
+        &mut relay,
+        Input::Received {
+            conn: c,
+            msg: sync(early),
+        },
+    );
+    let late = carrying(first);
+    feed(
+        &mut relay,
+        Input::Received {
+            conn: c,
+            msg: sync(late),
+        },
+    );
+
+    let relay_heads = relay.document(&doc).unwrap().lock().get_heads();
+    assert_eq!(relay_heads, client.get_heads(), "the relay applied both");
+    let mut reloaded = Automerge::new();
+    for chunk in &chunks {
+        reloaded.load_incremental(chunk).unwrap();
+    }
+    assert_eq!(
+        reloaded.get_heads(),
+        relay_heads,
+        "what was written reloads to the same heads"
+    );
+}
+
 // ---- invariants ---------------------------------------------------------------------------
 
 fn tags_of(net: &Net, node: usize, doc: &DocumentId) -> Vec<String> {
