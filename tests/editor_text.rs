@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use automerge::marks::ExpandMark;
@@ -410,4 +411,38 @@ async fn remote_edits_arrive_as_patches_with_utf16_offsets() {
             }
         ]
     );
+    // Every event's patches were logged by the apply that brought its changes: none of
+    // them diffed the note (a walk of all of it, tens of ms on a long note).
+    let stats = b.stats();
+    assert!(stats.change_events.load(Ordering::Relaxed) >= 3);
+    assert_eq!(stats.change_events_diffed.load(Ordering::Relaxed), 0);
+}
+
+/// A subscriber sees its own repo's edits as patches logged by the edits themselves (no diff
+/// of the note), and what it builds from them is the note's text.
+#[tokio::test]
+async fn local_edits_reach_subscribers_as_logged_patches() {
+    let (repo, h, t) = note_with_text("héllo").await;
+    let mut changes = h.changes();
+    let mut view: Vec<u16> = h.text(&t).unwrap().encode_utf16().collect();
+    for (i, s) in ["🎉", " wörld", "!"].iter().enumerate() {
+        h.change(|tx| {
+            let len = tx.length(&t);
+            tx.splice_text(&t, if i == 0 { 0 } else { len }, 0, s)
+        })
+        .unwrap();
+        h.change(|tx| tx.splice_text(&t, 1, 1, "")).unwrap();
+        // One event, or two if it caught the first edit alone.
+        while String::from_utf16(&view).unwrap() != h.text(&t).unwrap() {
+            let ev = tokio::time::timeout(Duration::from_secs(5), changes.next())
+                .await
+                .expect("an event for the edits")
+                .unwrap();
+            apply_utf16(&mut view, &ev.text_patches(&t, TextIndex::Utf16).unwrap());
+        }
+    }
+    assert_eq!(String::from_utf16(&view).unwrap(), "🎉lo wörld!");
+    let stats = repo.stats();
+    assert!(stats.change_events.load(Ordering::Relaxed) >= 3);
+    assert_eq!(stats.change_events_diffed.load(Ordering::Relaxed), 0);
 }

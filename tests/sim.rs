@@ -106,7 +106,7 @@ fn append(tx: &mut Transaction<'_>, value: &str) -> Result<(), AutomergeError> {
 fn list_json(sim: &Sim, node: usize, doc: &DocumentId) -> Vec<serde_json::Value> {
     let h = &sim.nodes[node].handles[doc];
     let d = h.lock();
-    let json = serde_json::to_value(automerge::AutoSerde::from(&*d)).unwrap();
+    let json = serde_json::to_value(automerge::AutoSerde::from(&**d)).unwrap();
     json["list"].as_array().cloned().unwrap_or_default()
 }
 

@@ -116,7 +116,7 @@ pub(super) struct StepOutput {
 fn blank(now: Millis, phase: DocPhase, doc: Automerge) -> DocEntry {
     DocEntry {
         phase,
-        doc: Arc::new(parking_lot::Mutex::new(doc)),
+        doc: super::shared(doc),
         peers: BTreeMap::new(),
         inbox: Vec::new(),
         next_apply_at: Millis(0),
@@ -156,7 +156,7 @@ impl DocEntry {
         durable_heads: Vec<ChangeHash>,
         sync_states: HashMap<StorageId, Vec<u8>>,
     ) {
-        *self.doc.lock() = doc;
+        self.doc.lock().replace(doc);
         self.persist_heads = durable_heads.clone();
         self.durable_heads = durable_heads;
         self.sync_states = sync_states;
@@ -344,7 +344,17 @@ impl DocEntry {
         let heads_before = doc.get_heads();
         let was_empty = heads_before.is_empty();
         let started = config.cost_clock.as_ref().map(|c| (c.0)());
-        let applied = !all.is_empty() && doc.load_incremental(&all).is_ok();
+        // Subscribers to changes get this batch's patches from the apply itself (see
+        // `journal`): a diff afterwards would walk the whole note again.
+        let mut log = doc.patch_log();
+        let applied = !all.is_empty()
+            && match log.as_mut() {
+                Some(log) => doc.load_incremental_log_patches(&all, log).is_ok(),
+                None => doc.load_incremental(&all).is_ok(),
+            };
+        if let (true, Some(log)) = (applied, log) {
+            doc.record(heads_before.clone(), log);
+        }
         if let (Some(clock), Some(started)) = (&config.cost_clock, started) {
             // A first copy is a load, not an edit: it says nothing about the next apply.
             if !all.is_empty() && !was_empty {

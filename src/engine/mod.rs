@@ -33,6 +33,13 @@
 //! accumulated meanwhile is applied in one call. This paces a hot document by the group
 //! commit instead of starving it.
 //!
+//! # Patches for subscribers
+//!
+//! Documents are shared with their handles as a [`DocCell`]: the Automerge document plus a
+//! journal of the patches of its recent changes, filled while an app subscribes to changes.
+//! The apply above logs its patches into it, so a subscriber does not diff the note (tens
+//! of milliseconds on a long text) to learn what the batch changed.
+//!
 //! # Invariants
 //!
 //! With a [`crate::schema::Schema`] in [`EngineConfig::schema`], a document whose step
@@ -45,9 +52,11 @@
 mod conn;
 mod dedup;
 mod doc;
+mod journal;
 mod types;
 
 pub use doc::{DocPhase, PeerSyncStatus};
+pub use journal::DocCell;
 pub use types::{
     ApplyPacing, CostClock, Denied, Effect, EngineConfig, EngineError, Event, Input, Loaded,
     Millis, SharedDoc,
@@ -794,5 +803,5 @@ impl Engine {
 
 /// Make a fresh shared document handle.
 pub fn shared(doc: Automerge) -> SharedDoc {
-    Arc::new(parking_lot::Mutex::new(doc))
+    Arc::new(parking_lot::Mutex::new(DocCell::new(doc)))
 }

@@ -15,7 +15,7 @@ use super::doc::PeerSyncStatus;
 
 /// A document shared between the engine and the handles that read and change it.
 /// Locks are per document: reading one note never waits for another.
-pub type SharedDoc = Arc<parking_lot::Mutex<Automerge>>;
+pub type SharedDoc = Arc<parking_lot::Mutex<super::journal::DocCell>>;
 
 /// Milliseconds on the runtime's monotonic clock (the simulator uses virtual time).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -508,6 +508,13 @@ impl Driver {
             }
             Event::DocChanged { doc, heads, .. } => {
                 if let Some(ch) = inner.channels.lock().get(&doc) {
+                    // The note may have moved on since the event (a handle's edit): publish
+                    // its heads as they are now, under its lock, as handles do, so that the
+                    // watch never goes back to older heads (a subscriber would get an event
+                    // undoing what it already saw, then one redoing it).
+                    let shared = self.engine.document(&doc);
+                    let guard = shared.as_ref().map(|d| d.lock());
+                    let heads = guard.as_ref().map_or(heads, |d| d.get_heads());
                     ch.heads.send_if_modified(|h| {
                         if *h != heads {
                             *h = heads;

@@ -1,6 +1,7 @@
 //! [`DocHandle`]: what an app holds to read, change and watch one note.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use automerge::transaction::{CommitOptions, Transaction};
@@ -87,9 +88,18 @@ impl DocHandle {
         options: CommitOptions,
         f: impl FnOnce(&mut Transaction<'_>) -> Result<R, AutomergeError>,
     ) -> Result<R, RepoError> {
-        let (out, heads, changed) = {
+        let (out, changed) = {
             let mut doc = self.doc.lock();
-            let mut tx = doc.transaction();
+            // With a subscriber to `changes()`, log this change's patches (see
+            // `engine::DocCell`): cheaper than the diff the subscriber would need otherwise.
+            let log = doc.patch_log();
+            let before = log.as_ref().map(|_| doc.get_heads());
+            let mut tx = match log {
+                Some(log) => doc
+                    .transaction_log_patches(log)
+                    .expect("a fresh patch log belongs to no other document"),
+                None => doc.transaction(),
+            };
             let schema = &self.repo.inner.schema;
             let guard = (!schema.is_empty()).then(|| schema.guard(&tx));
             let out = match f(&mut tx) {
@@ -112,8 +122,16 @@ impl DocHandle {
                         .map_or(0, |d| d.as_secs() as i64),
                 ),
             };
-            let (hash, _) = tx.commit_with(options);
-            (out, doc.get_heads(), hash.is_some())
+            let (hash, log) = tx.commit_with(options);
+            if let (Some(_), Some(before)) = (hash, before) {
+                doc.record(before, log);
+            }
+            if hash.is_some() {
+                // Published under the note's lock, so that the watch never goes back to
+                // older heads when several tasks (or the engine) change the note at once.
+                self.channels.heads.send_replace(doc.get_heads());
+            }
+            (out, hash.is_some())
         };
         if changed {
             self.channels.save.send_replace(SaveState::Unsaved);
@@ -129,7 +147,6 @@ impl DocHandle {
                 }
                 any
             });
-            self.channels.heads.send_replace(heads);
             if !self
                 .channels
                 .local_pending
@@ -150,7 +167,7 @@ impl DocHandle {
     /// The whole note as JSON (maps, lists, text as strings, counters as numbers).
     pub fn to_json(&self) -> serde_json::Value {
         let doc = self.doc.lock();
-        serde_json::to_value(automerge::AutoSerde::from(&*doc)).unwrap_or(serde_json::Value::Null)
+        serde_json::to_value(automerge::AutoSerde::from(&**doc)).unwrap_or(serde_json::Value::Null)
     }
 
     /// The note as Automerge bytes (`save()`), importable anywhere.
@@ -196,20 +213,28 @@ impl DocHandle {
     }
 
     /// Changes (local and remote) as they happen, with patches since the last seen heads.
+    /// While a subscription lasts, every change to the note logs its patches as it is made
+    /// (`engine::DocCell`), so an event costs about what its patches are, not a diff of the
+    /// note; `RepoStats::change_events_diffed` counts the events that had to diff.
     pub fn changes(&self) -> Changes {
         let rx = self.channels.heads.subscribe();
-        let last = self.heads();
+        let last = {
+            let mut doc = self.doc.lock();
+            doc.subscribe();
+            doc.get_heads()
+        };
         Changes {
             rx,
             last,
             doc: self.doc.clone(),
+            stats: self.repo.inner.stats.clone(),
         }
     }
 
     /// The note's heads, updated after every local change and every applied batch of remote
-    /// changes. Cheap: unlike [`DocHandle::changes`], which diffs the note for its patches
-    /// (a walk of the whole note under its lock: tens of milliseconds per event on a text
-    /// of ~260k ops), nothing is computed. For apps that re-read what they show, sync
+    /// changes. Cheaper still than [`DocHandle::changes`], which has every change log its
+    /// patches while it lasts (and diffs the note, a walk of the whole note under its lock,
+    /// when it missed some), nothing is computed. For apps that re-read what they show, sync
     /// indicators, and `get_changes_meta(&old_heads)` to see who changed what.
     pub fn heads_watch(&self) -> watch::Receiver<Vec<ChangeHash>> {
         self.channels.heads.subscribe()
@@ -283,6 +308,13 @@ pub struct Changes {
     rx: watch::Receiver<Vec<ChangeHash>>,
     last: Vec<ChangeHash>,
     doc: SharedDoc,
+    stats: Arc<super::RepoStats>,
+}
+
+impl Drop for Changes {
+    fn drop(&mut self) {
+        self.doc.lock().unsubscribe();
+    }
 }
 
 impl Changes {
@@ -294,7 +326,13 @@ impl Changes {
             if heads == self.last {
                 continue;
             }
-            let patches = self.doc.lock().diff(&self.last, &heads);
+            let (patches, diffed) = self.doc.lock().patches_between(&self.last, &heads);
+            self.stats.change_events.fetch_add(1, Ordering::Relaxed);
+            if diffed {
+                self.stats
+                    .change_events_diffed
+                    .fetch_add(1, Ordering::Relaxed);
+            }
             let before = std::mem::replace(&mut self.last, heads.clone());
             return Some(ChangeEvent {
                 heads,

@@ -1,8 +1,8 @@
 //! The runtime: owns the store, the engine thread and the sockets, and hands out
 //! [`DocHandle`]s.
 //!
-//! One thread (the *driver*, [`driver`]) owns the sans-IO [`Engine`]. Everything else talks to
-//! it through one channel: handles report local changes, sockets deliver frames, the store's
+//! One thread (the *driver*, `driver.rs`) owns the sans-IO
+//! [`Engine`](crate::engine::Engine). Everything else talks to it through one channel: handles report local changes, sockets deliver frames, the store's
 //! group-commit writer reports durability. The driver drains the whole channel into one
 //! `handle_batch` call, so a busy document is applied once per batch (see the engine docs),
 //! then carries out the effects: frames go to each socket's bounded queue, chunks to the
@@ -132,6 +132,13 @@ pub struct RepoStats {
     pub docs_denied: AtomicU64,
     /// ... refused because the connection already syncs its maximum of documents.
     pub doc_limit_hits: AtomicU64,
+    /// Events delivered by [`DocHandle::changes`] subscriptions.
+    pub change_events: AtomicU64,
+    /// ... of which had to diff the note for their patches, because a change between the
+    /// subscriber's last heads and the new ones logged none (a repair, a reload, a
+    /// subscriber far behind). The others took the patches logged when the changes were
+    /// made (`engine::DocCell`).
+    pub change_events_diffed: AtomicU64,
 }
 
 pub(crate) struct Inner {

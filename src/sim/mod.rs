@@ -880,7 +880,7 @@ impl Sim {
                 };
                 let doc = h.lock();
                 let heads = doc.get_heads();
-                let json = serde_json::to_value(automerge::AutoSerde::from(&*doc))
+                let json = serde_json::to_value(automerge::AutoSerde::from(&**doc))
                     .map_err(|e| e.to_string())?;
                 match &reference {
                     None => reference = Some((n.name.clone(), heads, json)),
