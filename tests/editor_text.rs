@@ -416,6 +416,9 @@ async fn remote_edits_arrive_as_patches_with_utf16_offsets() {
     let stats = b.stats();
     assert!(stats.change_events.load(Ordering::Relaxed) >= 3);
     assert_eq!(stats.change_events_diffed.load(Ordering::Relaxed), 0);
+    // The text each conversion starts from was read from the note once, for the first
+    // event: later events (and the second unit of each) start from what the previous left.
+    assert_eq!(stats.text_reads.load(Ordering::Relaxed), 1);
 }
 
 /// A subscriber sees its own repo's edits as patches logged by the edits themselves (no diff
@@ -445,4 +448,5 @@ async fn local_edits_reach_subscribers_as_logged_patches() {
     let stats = repo.stats();
     assert!(stats.change_events.load(Ordering::Relaxed) >= 3);
     assert_eq!(stats.change_events_diffed.load(Ordering::Relaxed), 0);
+    assert_eq!(stats.text_reads.load(Ordering::Relaxed), 1);
 }

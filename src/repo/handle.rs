@@ -228,6 +228,7 @@ impl DocHandle {
             last,
             doc: self.doc.clone(),
             stats: self.repo.inner.stats.clone(),
+            texts: TextCache::default(),
         }
     }
 
@@ -269,7 +270,15 @@ pub struct ChangeEvent {
     /// offsets in the document's unit (code points); see [`ChangeEvent::text_patches`].
     pub patches: Vec<Patch>,
     doc: SharedDoc,
+    texts: TextCache,
+    stats: Arc<super::RepoStats>,
 }
+
+/// Texts as a subscription's events left them, per text object, so that
+/// [`ChangeEvent::text_patches`] need not read the text at `before` from the note (a walk
+/// of the whole text at those heads: 20-35 ms on the automerge-paper note). At most two
+/// versions per object (an event's start and end), and only of objects asked about.
+type TextCache = Arc<parking_lot::Mutex<HashMap<ObjId, Vec<(Vec<ChangeHash>, String)>>>>;
 
 impl std::fmt::Debug for ChangeEvent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -288,6 +297,12 @@ impl ChangeEvent {
     /// walk of the text under the note's lock. An app that keeps the text itself can call
     /// `text::text_patches` with it instead.
     pub fn text_patches(&self, obj: &ObjId, unit: TextIndex) -> Result<Vec<TextPatch>, TextError> {
+        let cached = self.texts.lock().get(obj).and_then(|versions| {
+            versions
+                .iter()
+                .find(|(h, _)| *h == self.before)
+                .map(|(_, t)| t.clone())
+        });
         let (before, encoding) = {
             let doc = self.doc.lock();
             match doc.object_type(obj) {
@@ -295,10 +310,29 @@ impl ChangeEvent {
                 Ok(_) => return Err(TextError::NotText),
                 Err(e) => return Err(e.into()),
             }
-            // A text made after `before` reads as empty there.
-            (doc.text_at(obj, &self.before)?, doc.text_encoding())
+            let before = match cached {
+                Some(t) => t,
+                // A text made after `before` reads as empty there.
+                None => {
+                    self.stats.text_reads.fetch_add(1, Ordering::Relaxed);
+                    doc.text_at(obj, &self.before)?
+                }
+            };
+            (before, doc.text_encoding())
         };
-        super::text::text_patches(&before, &self.patches, obj, encoding, unit)
+        let (patches, after) =
+            super::text::text_patches_and_after(&before, &self.patches, obj, encoding, unit)?;
+        // Keep this event's start and end: the next event starts where this one ends, and
+        // the app may ask this one again (another unit).
+        let mut texts = self.texts.lock();
+        let versions = texts.entry(obj.clone()).or_default();
+        versions.retain(|(h, _)| *h == self.before || *h == self.heads);
+        for (heads, text) in [(&self.before, before), (&self.heads, after)] {
+            if !versions.iter().any(|(h, _)| h == heads) {
+                versions.push((heads.clone(), text));
+            }
+        }
+        Ok(patches)
     }
 }
 
@@ -309,6 +343,7 @@ pub struct Changes {
     last: Vec<ChangeHash>,
     doc: SharedDoc,
     stats: Arc<super::RepoStats>,
+    texts: TextCache,
 }
 
 impl Drop for Changes {
@@ -339,6 +374,8 @@ impl Changes {
                 before,
                 patches,
                 doc: self.doc.clone(),
+                texts: self.texts.clone(),
+                stats: self.stats.clone(),
             });
         }
     }

@@ -139,6 +139,9 @@ pub struct RepoStats {
     /// subscriber far behind). The others took the patches logged when the changes were
     /// made (`engine::DocCell`).
     pub change_events_diffed: AtomicU64,
+    /// `ChangeEvent::text_patches` calls that read the text at the event's start from the
+    /// note (the subscription had not seen that version of the text yet).
+    pub text_reads: AtomicU64,
 }
 
 pub(crate) struct Inner {

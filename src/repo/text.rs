@@ -229,6 +229,17 @@ pub fn text_patches(
     encoding: TextEncoding,
     unit: TextIndex,
 ) -> Result<Vec<TextPatch>, TextError> {
+    text_patches_and_after(before, patches, obj, encoding, unit).map(|(p, _)| p)
+}
+
+/// [`text_patches`], plus the text as the patches leave it.
+pub(crate) fn text_patches_and_after(
+    before: &str,
+    patches: &[Patch],
+    obj: &ObjId,
+    encoding: TextEncoding,
+    unit: TextIndex,
+) -> Result<(Vec<TextPatch>, String), TextError> {
     let n = native(encoding)?;
     let mut s = before.to_string();
     let mut out = Vec::new();
@@ -304,7 +315,7 @@ pub fn text_patches(
             | PatchAction::DeleteMap { .. } => return Err(mismatch),
         }
     }
-    Ok(out)
+    Ok((out, s))
 }
 
 fn text_of<D: ReadDoc>(doc: &D, obj: &ObjId) -> Result<String, TextError> {
