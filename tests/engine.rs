@@ -56,6 +56,29 @@ fn relay_with_conn() -> (Engine, ConnId) {
     (e, c)
 }
 
+/// [`relay_with_conn`] after the connection joined as peer `client`.
+fn relay_joined() -> (Engine, ConnId) {
+    let (mut relay, c) = relay_with_conn();
+    relay.handle(
+        Millis(0),
+        Input::Received {
+            conn: c,
+            msg: join("client", &["1"]),
+        },
+    );
+    (relay, c)
+}
+
+/// A sync message from peer `client` to the relay about `doc`.
+fn client_sync(doc: DocumentId, m: SyncMessage) -> Message {
+    Message::Sync {
+        sender_id: PeerId::new("client"),
+        target_id: PeerId::new("relay"),
+        document_id: doc,
+        data: m.encode(),
+    }
+}
+
 fn note(text: &str) -> Automerge {
     note_from(Automerge::new(), text)
 }
@@ -674,21 +697,9 @@ fn k_messages_in_one_batch_make_one_persist() {
 #[test]
 fn a_heads_only_message_batched_with_changes_is_still_acknowledged() {
     use automerge::sync::{State, SyncDoc};
-    let (mut relay, c) = relay_with_conn();
-    relay.handle(
-        Millis(0),
-        Input::Received {
-            conn: c,
-            msg: join("client", &["1"]),
-        },
-    );
+    let (mut relay, c) = relay_joined();
     let doc = DocumentId::random();
-    let sync = |m: SyncMessage| Message::Sync {
-        sender_id: PeerId::new("client"),
-        target_id: PeerId::new("relay"),
-        document_id: doc,
-        data: m.encode(),
-    };
+    let sync = |m: SyncMessage| client_sync(doc, m);
     let relay_says = |effects: &[Effect]| -> Vec<SyncMessage> {
         effects
             .iter()
@@ -767,28 +778,15 @@ fn a_heads_only_message_batched_with_changes_is_still_acknowledged() {
     assert!(acked, "the relay told the client it has its heads");
 }
 
-/// What a relay persists must reload to the heads it advertises. Remote changes are stored
-/// as the bytes they arrived in when nothing else changed the note; a change that waited
-/// for its dependency is applied by a later batch that does not carry it, so that batch's
-/// bytes are not all that is new, and the chunk must hold the waiting change too.
+/// What a relay persists must reload to the heads it advertises, also when a change arrived
+/// before its dependency: Automerge queues it, and a later batch that does not carry it
+/// applies it, so the chunks written must hold it even though that batch's bytes do not.
 #[test]
 fn persisted_chunks_reload_to_the_heads_also_after_a_change_waited_for_its_dependency() {
     use automerge::sync::{State, SyncDoc};
-    let (mut relay, c) = relay_with_conn();
-    relay.handle(
-        Millis(0),
-        Input::Received {
-            conn: c,
-            msg: join("client", &["1"]),
-        },
-    );
+    let (mut relay, c) = relay_joined();
     let doc = DocumentId::random();
-    let sync = |m: SyncMessage| Message::Sync {
-        sender_id: PeerId::new("client"),
-        target_id: PeerId::new("relay"),
-        document_id: doc,
-        data: m.encode(),
-    };
+    let sync = |m: SyncMessage| client_sync(doc, m);
     // Feed one input, answer every write as durable, keep the chunks in write order.
     let mut chunks: Vec<Vec<u8>> = Vec::new();
     let mut now = 0;
