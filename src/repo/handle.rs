@@ -293,9 +293,10 @@ impl std::fmt::Debug for ChangeEvent {
 impl ChangeEvent {
     /// The patches of text object `obj`, offsets in `unit` (UTF-16 for JS editors), to apply
     /// in order to the text as it was at [`ChangeEvent::before`] (see
-    /// [`text::text_patches`](super::text::text_patches)). Reads that text from the note: a
-    /// walk of the text under the note's lock. An app that keeps the text itself can call
-    /// `text::text_patches` with it instead.
+    /// [`text::text_patches`](super::text::text_patches)). That text is the one the
+    /// subscription's previous event left (kept per text object asked about); only the first
+    /// event, or one whose start was not kept, reads it from the note (a walk of the text
+    /// under the note's lock, counted in `RepoStats::text_reads`).
     pub fn text_patches(&self, obj: &ObjId, unit: TextIndex) -> Result<Vec<TextPatch>, TextError> {
         let cached = self.texts.lock().get(obj).and_then(|versions| {
             versions
