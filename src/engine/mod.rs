@@ -535,7 +535,7 @@ impl Engine {
         count: u64,
         data: Vec<u8>,
     ) {
-        if !self.ephemeral_seen.insert(&sender, &session, count) {
+        if !self.ephemeral_seen.insert(&sender, &session, count, &data) {
             return;
         }
         self.effects.push(Effect::Event(Event::Ephemeral {
