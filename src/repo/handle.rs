@@ -184,15 +184,17 @@ impl DocHandle {
         rx.await.map_err(|_| RepoError::Closed)?
     }
 
-    /// Fold the note's stored chunks into one snapshot now (the store also does this on its
-    /// own when incremental chunks outgrow the snapshot). Editors are not held up while the
-    /// snapshot is made (see `repo::compaction`).
+    /// Save the note, then fold its stored chunks into one snapshot (the store also does this
+    /// on its own when incremental chunks outgrow the snapshot). Editors are not held up while
+    /// the snapshot is made (see [`Store::fold`](crate::store::Store::fold)); what they change meanwhile is stored
+    /// after it.
     pub async fn compact(&self) -> Result<(), RepoError> {
+        self.saved().await?;
         let (reply, rx) = oneshot::channel();
-        let (store, id, doc) = (self.repo.inner.store.clone(), self.id, self.doc.clone());
+        let (store, id) = (self.repo.inner.store.clone(), self.id);
         // The snapshot of a long note takes a while: keep it off the async worker.
         tokio::task::spawn_blocking(move || {
-            super::compaction::compact(&store, id, &doc, move |r| {
+            store.fold(&id, move |r| {
                 let _ = reply.send(r);
             })
         })
