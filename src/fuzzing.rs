@@ -380,8 +380,6 @@ pub enum StoreOp<'a> {
         payload: &'a [u8],
     },
     Load(u8),
-    /// Fold the document's chunks ([`Store::fold`]); what loads must not change.
-    Fold(u8),
 }
 
 impl StoreOp<'_> {
@@ -420,8 +418,7 @@ impl StoreOp<'_> {
                 out.extend([5, *doc, *kind, *seq]);
                 put(out, payload);
             }
-            StoreOp::Load(d) => out.extend([6, *d & 0x7f]),
-            StoreOp::Fold(d) => out.extend([6, *d | 0x80]),
+            StoreOp::Load(d) => out.extend([6, *d]),
         }
     }
 }
@@ -443,10 +440,7 @@ fn read_store_op<'a>(u: &mut Unstructured<'a>) -> StoreOp<'a> {
             seq: byte(u),
             payload: chunk(u),
         },
-        _ => match byte(u) {
-            d if d & 0x80 != 0 => StoreOp::Fold(d & 0x7f),
-            d => StoreOp::Load(d),
-        },
+        _ => StoreOp::Load(byte(u)),
     }
 }
 
@@ -507,23 +501,6 @@ pub fn store_load(data: &[u8]) {
             StoreOp::Load(d) => {
                 let _ = store.flush_blocking();
                 let _ = store.load(&doc(d));
-            }
-            StoreOp::Fold(d) => {
-                let _ = store.flush_blocking();
-                let heads = |store: &Store| {
-                    store
-                        .load(&doc(d))
-                        .ok()
-                        .flatten()
-                        .map(|l| l.doc.get_heads())
-                };
-                let before = heads(&store);
-                let (tx, rx) = std::sync::mpsc::channel();
-                store.fold(&doc(d), move |r| {
-                    let _ = tx.send(r);
-                });
-                let _ = rx.recv();
-                assert_eq!(heads(&store), before, "a fold changed what loads");
             }
         }
     }

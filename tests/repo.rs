@@ -688,8 +688,8 @@ async fn devices_adding_the_same_tag_offline_are_repaired_and_report_it() {
     assert_eq!(all, from_b);
 }
 
-/// Compaction folds what is stored while editors keep typing; chunks written meanwhile are
-/// kept: editors typing during compactions lose nothing.
+/// Compaction snapshots a clone outside the note's lock and appends what changed meanwhile
+/// in the same atomic request: editors typing during compactions lose nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compactions_while_editing_lose_nothing() {
     let dir = tempfile::tempdir().unwrap();

@@ -3,7 +3,7 @@
 use std::sync::mpsc;
 
 use automerge::{transaction::Transactable, AutoCommit, ReadDoc, ROOT};
-use sheafdb::store::{CorruptReason, FoldOutcome, Store, StoreConfig, StoreError, WriteOp};
+use sheafdb::store::{CorruptReason, Store, StoreConfig, StoreError, WriteOp};
 use sheafdb::{DocumentId, StorageId};
 
 fn append(doc: DocumentId, bytes: Vec<u8>) -> WriteOp {
@@ -371,72 +371,6 @@ fn large_values_go_to_sled_blobs_and_are_fsynced() {
     let store = Store::open(dir.path(), StoreConfig::default()).unwrap();
     let l = store.load(&id).unwrap().unwrap();
     assert_eq!(l.doc.get_heads(), d.get_heads());
-}
-
-fn fold_sync(store: &Store, id: &DocumentId) -> (FoldOutcome, Result<(), StoreError>) {
-    let (tx, rx) = mpsc::channel();
-    let outcome = store.fold(id, move |r| tx.send(r).unwrap());
-    (outcome, rx.recv().unwrap())
-}
-
-#[test]
-fn fold_replaces_the_stored_chunks_with_one_snapshot_and_keeps_later_ones() {
-    let store = Store::open_temporary().unwrap();
-    let id = DocumentId::random();
-    let mut d = AutoCommit::new();
-    for chunk in edits(&mut d, 0, 30) {
-        write_sync(&store, vec![append(id, chunk)]).unwrap();
-    }
-    let (outcome, r) = fold_sync(&store, &id);
-    r.unwrap();
-    assert_eq!(outcome, FoldOutcome::Written { chunks: 30 });
-    assert_eq!(store.stats().folds, 1);
-    let loaded = store.load(&id).unwrap().unwrap();
-    assert_eq!(loaded.chunks, 1);
-    assert_eq!(loaded.doc.get_heads(), d.get_heads());
-    assert_eq!(loaded.bytes, d.save().len() as u64);
-
-    // Folding one snapshot again has nothing to do.
-    assert_eq!(fold_sync(&store, &id).0, FoldOutcome::NothingToFold);
-    assert_eq!(
-        fold_sync(&store, &DocumentId::random()).0,
-        FoldOutcome::NothingToFold
-    );
-
-    // Chunks written after a fold stay; the next fold takes snapshot and chunks.
-    for chunk in edits(&mut d, 30, 5) {
-        write_sync(&store, vec![append(id, chunk)]).unwrap();
-    }
-    assert_eq!(store.load(&id).unwrap().unwrap().chunks, 6);
-    assert_eq!(fold_sync(&store, &id).0, FoldOutcome::Written { chunks: 6 });
-    let loaded = store.load(&id).unwrap().unwrap();
-    assert_eq!(loaded.chunks, 1);
-    assert_eq!(loaded.doc.get_heads(), d.get_heads());
-}
-
-/// A fold that would drop changes (their dependency was quarantined) is not made.
-#[test]
-fn fold_refuses_when_stored_changes_miss_their_dependencies() {
-    let store = Store::open_temporary().unwrap();
-    let id = DocumentId::random();
-    let mut d = AutoCommit::new();
-    let chunks = edits(&mut d, 0, 3);
-    // The middle change is missing: the third waits for it.
-    write_sync(&store, vec![append(id, chunks[0].clone())]).unwrap();
-    write_sync(&store, vec![append(id, chunks[2].clone())]).unwrap();
-    assert_eq!(fold_sync(&store, &id).0, FoldOutcome::MissingDeps);
-    assert_eq!(
-        store.load(&id).unwrap().unwrap().chunks,
-        2,
-        "nothing removed"
-    );
-    // Once the dependency arrives, the fold goes ahead and keeps all three.
-    write_sync(&store, vec![append(id, chunks[1].clone())]).unwrap();
-    assert_eq!(fold_sync(&store, &id).0, FoldOutcome::Written { chunks: 3 });
-    assert_eq!(
-        store.load(&id).unwrap().unwrap().doc.get_heads(),
-        d.get_heads()
-    );
 }
 
 /// Stored incrementals are applied in one call; when Automerge refuses that call (here: two

@@ -2,8 +2,7 @@
 //!
 //! The parent test re-executes this test binary with `--exact crash_child` and
 //! `SHEAF_CRASH_DIR` set. The child opens the store, edits a few documents as fast as it can
-//! (each change written with `write()`, a `Compact` now and then, while another thread keeps
-//! folding the documents' stored chunks with `Store::fold`) and prints `ACK <doc> <n>`
+//! (each change written with `write()`, a `Compact` now and then) and prints `ACK <doc> <n>`
 //! once edit `n` is durable. The parent SIGKILLs it at a random moment, reopens the store and
 //! checks that every acknowledged edit is there. State accumulates over the cycles.
 
@@ -56,18 +55,6 @@ fn crash_child() {
             None => (AutoCommit::new(), 0),
         })
         .collect();
-    // Folds read what is stored and replace exactly that, while the appends go on.
-    {
-        let store = store.clone();
-        std::thread::spawn(move || {
-            let mut rng = rand::thread_rng();
-            loop {
-                let i = rng.gen_range(0..DOCS);
-                store.fold(&doc_id(i), |_| {});
-                std::thread::sleep(Duration::from_millis(rng.gen_range(0..10)));
-            }
-        });
-    }
     let in_flight = Arc::new(AtomicUsize::new(0));
     let mut rng = rand::thread_rng();
     loop {

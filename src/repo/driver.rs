@@ -622,11 +622,14 @@ impl Driver {
     }
 
     /// Fold a document's chunks into one snapshot when the store says it is time, on a
-    /// thread of its own ([`Store::fold`](crate::store::Store::fold) takes no lock of the note).
+    /// thread of its own (see [`super::compaction`]).
     fn maybe_compact(&mut self, doc: DocumentId) {
         if !self.store.needs_compaction(&doc) {
             return;
         }
+        let Some(shared) = self.engine.document(&doc) else {
+            return;
+        };
         if !self.compacting.lock().insert(doc) {
             return;
         }
@@ -634,7 +637,7 @@ impl Driver {
         let compacting = self.compacting.clone();
         self.threads.retain(|t| !t.is_finished());
         self.threads.push(std::thread::spawn(move || {
-            store.fold(&doc, move |r| {
+            super::compaction::compact(&store, doc, &shared, move |r| {
                 if let Err(e) = r {
                     tracing::warn!(%doc, error = %e, "compaction failed");
                 }

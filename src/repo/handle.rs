@@ -184,17 +184,15 @@ impl DocHandle {
         rx.await.map_err(|_| RepoError::Closed)?
     }
 
-    /// Save the note, then fold its stored chunks into one snapshot (the store also does this
-    /// on its own when incremental chunks outgrow the snapshot). Editors are not held up while
-    /// the snapshot is made (see [`Store::fold`](crate::store::Store::fold)); what they change meanwhile is stored
-    /// after it.
+    /// Fold the note's stored chunks into one snapshot now (the store also does this on its
+    /// own when incremental chunks outgrow the snapshot). Editors are not held up while the
+    /// snapshot is made (see `repo::compaction`).
     pub async fn compact(&self) -> Result<(), RepoError> {
-        self.saved().await?;
         let (reply, rx) = oneshot::channel();
-        let (store, id) = (self.repo.inner.store.clone(), self.id);
+        let (store, id, doc) = (self.repo.inner.store.clone(), self.id, self.doc.clone());
         // The snapshot of a long note takes a while: keep it off the async worker.
         tokio::task::spawn_blocking(move || {
-            store.fold(&id, move |r| {
+            super::compaction::compact(&store, id, &doc, move |r| {
                 let _ = reply.send(r);
             })
         })

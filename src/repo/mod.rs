@@ -11,6 +11,7 @@
 //! Handles share the document with the engine behind a per-document lock: reading or
 //! changing one note never waits for another, nor for the network.
 
+mod compaction;
 mod driver;
 mod error;
 mod handle;

@@ -11,9 +11,8 @@
 //!
 //! `seq` comes from sled's `generate_id()`, which is monotonic across restarts (sled skips a
 //! reserved block after a crash), so big-endian keys sort in write order. Snapshots sort before
-//! incrementals. A `Compact` removes every chunk written before it and a `Fold` the chunks it
-//! was made from; either way the incremental chunks that remain hold changes the snapshot may
-//! lack, and load order does not matter to Automerge.
+//! incrementals; a `Compact` removes every chunk written before it, so whatever incremental
+//! chunks remain were written after the snapshot they follow.
 //!
 //! Keys are parsed with [`parse_key`], which never panics: a key that does not fit the layout is
 //! reported as `None` and skipped by callers.

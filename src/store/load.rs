@@ -50,8 +50,6 @@ pub struct LoadedDoc {
 pub(crate) struct Loaded {
     pub doc: LoadedDoc,
     pub sizes: DocSizes,
-    /// Keys of the chunks applied, in key order.
-    pub applied: Vec<IVec>,
 }
 
 /// A chunk whose checksum held: its key, kind, value, and where the payload sits in the value.
@@ -126,7 +124,6 @@ pub(crate) fn load(
     quarantine_chunks(data, quarantine, &corrupt)?;
     let mut sizes = DocSizes::default();
     let mut bytes = 0;
-    let mut applied = Vec::with_capacity(built.applied.len());
     for &i in &built.applied {
         let c = &chunks[i];
         let len = c.payload.len() as u64;
@@ -138,18 +135,16 @@ pub(crate) fn load(
                 sizes.incremental_chunks += 1;
             }
         }
-        applied.push(c.key.clone());
     }
     Ok(Some(Loaded {
         doc: LoadedDoc {
             doc: built.doc,
-            chunks: applied.len(),
+            chunks: built.applied.len(),
             bytes,
             corrupt,
             sync_states,
         },
         sizes,
-        applied,
     }))
 }
 

@@ -4,9 +4,9 @@
 //!
 //! - **Chunks, not whole documents.** An edit appends its change bytes as an incremental chunk;
 //!   rewriting a whole document per keystroke would cost O(document). When the incrementals
-//!   outgrow the snapshot ([`Store::needs_compaction`]) the runtime folds them
-//!   ([`Store::fold`]): it loads what is stored, saves it, and writes one atomic batch that
-//!   inserts the snapshot and removes exactly the chunks it was made from. Layout in `keys`.
+//!   outgrow the snapshot ([`Store::needs_compaction`]) the runtime writes a
+//!   [`WriteOp::Compact`]: one atomic batch that inserts `doc.save()` and removes the chunks it
+//!   covers. Layout in `keys`.
 //! - **Checksums.** sled 0.34 has open corruption reports after unclean shutdown and no repair
 //!   tool, so every value is `[blake3][payload]` (`checksum`) and every payload is checked to be
 //!   Automerge before it is applied (`validate`). A bad chunk is named, quarantined and skipped
@@ -38,19 +38,18 @@ mod stats;
 mod validate;
 mod writer;
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use parking_lot::{Condvar, Mutex};
+use parking_lot::Mutex;
 
 pub use config::StoreConfig;
 pub use error::{CorruptChunk, CorruptReason, StoreError};
 pub use keys::ChunkKind;
 pub use load::LoadedDoc;
-pub use plan::{Covered, WriteOp};
+pub use plan::WriteOp;
 pub use stats::StoreStats;
 
 use crate::id::DocumentId;
@@ -80,50 +79,6 @@ struct Inner {
     config: StoreConfig,
     tx: Mutex<Option<Sender<Request>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
-    /// Documents being folded, and a wake-up for whoever waits for their turn.
-    folding: Mutex<HashSet<DocumentId>>,
-    fold_done: Condvar,
-}
-
-/// What [`Store::fold`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FoldOutcome {
-    /// A fold replacing this many chunks was written.
-    Written { chunks: usize },
-    /// The document is one snapshot already, or not stored at all.
-    NothingToFold,
-    /// Stored changes wait for dependencies that are not stored; folding would drop them.
-    MissingDeps,
-    /// Reading the chunks failed (`done` got the error).
-    Failed,
-}
-
-/// A document's turn to fold: taken before reading its chunks, released once the fold's
-/// write is durable (or failed, or was never made).
-struct FoldGuard {
-    inner: Arc<Inner>,
-    doc: DocumentId,
-}
-
-impl FoldGuard {
-    fn take(inner: &Arc<Inner>, doc: DocumentId) -> FoldGuard {
-        let mut folding = inner.folding.lock();
-        while folding.contains(&doc) {
-            inner.fold_done.wait(&mut folding);
-        }
-        folding.insert(doc);
-        FoldGuard {
-            inner: inner.clone(),
-            doc,
-        }
-    }
-}
-
-impl Drop for FoldGuard {
-    fn drop(&mut self) {
-        self.inner.folding.lock().remove(&self.doc);
-        self.inner.fold_done.notify_all();
-    }
 }
 
 /// How long [`Store::open`] retries a directory whose lock is held.
@@ -203,8 +158,6 @@ impl Store {
                 config,
                 tx: Mutex::new(Some(tx)),
                 writer: Mutex::new(Some(handle)),
-                folding: Mutex::new(HashSet::new()),
-                fold_done: Condvar::new(),
             }),
         })
     }
@@ -238,72 +191,6 @@ impl Store {
         Counters::add(&i.counters.corrupt_chunks, loaded.doc.corrupt.len() as u64);
         i.sizes.set(*id, loaded.sizes);
         Ok(Some(loaded.doc))
-    }
-
-    /// Folds what is stored for `id` into one snapshot, without touching the document in
-    /// memory, so no editor waits for it: reads and verifies every chunk (as
-    /// [`load`](Self::load) does, quarantining what is corrupt), `save()`s the result on the
-    /// calling thread (tens of milliseconds for a long note) and writes a [`WriteOp::Fold`] that
-    /// replaces exactly the chunks read. Chunks written meanwhile are kept.
-    ///
-    /// Why from storage and not from the note in memory: a snapshot of the note needs its lock,
-    /// at least long enough to clone it (10-15 ms for the automerge-paper note, about 27 times
-    /// over a replay of that trace), and every editor waits that long. Folding from storage
-    /// costs the folding thread a load as well as a save, and the editors nothing; and the
-    /// snapshot is made from exactly the bytes it replaces.
-    ///
-    /// Folds of one document run one at a time (a second call blocks until the first one's
-    /// write is durable), so each fold reads what the one before it wrote. `done` runs exactly
-    /// once: when the fold's write is durable or failed, or at once when there was nothing to
-    /// write or reading failed.
-    ///
-    /// Nothing is folded when there is at most one chunk, or when stored changes wait for
-    /// dependencies that are not stored (after a chunk was quarantined): a snapshot would drop
-    /// them. A fold whose chunks were removed before it committed (by a deletion, or by a
-    /// [`WriteOp::Compact`]) is dropped; see [`StoreStats::folds_skipped`].
-    pub fn fold(
-        &self,
-        id: &DocumentId,
-        done: impl FnOnce(Result<(), StoreError>) + Send + 'static,
-    ) -> FoldOutcome {
-        let guard = FoldGuard::take(&self.inner, *id);
-        let i = &self.inner;
-        let loaded = match load::load(&i.data, &i.docs, &i.quarantine, id) {
-            Ok(Some(loaded)) => loaded,
-            Ok(None) => {
-                done(Ok(()));
-                return FoldOutcome::NothingToFold;
-            }
-            Err(e) => {
-                done(Err(e));
-                return FoldOutcome::Failed;
-            }
-        };
-        Counters::add(&i.counters.corrupt_chunks, loaded.doc.corrupt.len() as u64);
-        i.sizes.set(*id, loaded.sizes);
-        if loaded.applied.len() <= 1 && loaded.sizes.incremental_chunks == 0 {
-            done(Ok(()));
-            return FoldOutcome::NothingToFold;
-        }
-        if !automerge::ReadDoc::get_missing_deps(&loaded.doc.doc, &[]).is_empty() {
-            tracing::warn!(doc = %id, "not folding: stored changes wait for missing dependencies");
-            done(Ok(()));
-            return FoldOutcome::MissingDeps;
-        }
-        let chunks = loaded.applied.len();
-        let op = WriteOp::Fold {
-            doc: *id,
-            snapshot: loaded.doc.doc.save(),
-            covers: Covered {
-                keys: loaded.applied,
-                sizes: loaded.sizes,
-            },
-        };
-        self.write(vec![op], move |r| {
-            drop(guard);
-            done(r)
-        });
-        FoldOutcome::Written { chunks }
     }
 
     /// Enqueues `ops`. `on_durable` runs on the writer thread once the batch holding them is

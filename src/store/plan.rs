@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use super::checksum::seal;
 use super::config::StoreConfig;
 use super::keys::{chunk_key, chunk_range, sync_state_key, ChunkKind};
-use super::sizes::{Base, DocSizes, SizeEffect};
+use super::sizes::{Base, SizeEffect};
 use super::StoreError;
 use crate::id::{DocumentId, StorageId};
 
@@ -24,15 +24,6 @@ pub enum WriteOp {
     /// Atomically insert `snapshot` (a `doc.save()`) and remove every chunk of `doc` written
     /// before this op. The snapshot must cover those chunks.
     Compact { doc: DocumentId, snapshot: Vec<u8> },
-    /// Insert `snapshot` and remove exactly the chunks in `covers`, which it was made from
-    /// ([`Store::fold`](super::Store::fold) builds this op). Skipped, snapshot and all, unless
-    /// every covered chunk is still stored: a concurrent compaction or a deletion got there
-    /// first, and nothing must come back.
-    Fold {
-        doc: DocumentId,
-        snapshot: Vec<u8>,
-        covers: Covered,
-    },
     /// Persist the sync state for one peer's storage.
     PutSyncState {
         doc: DocumentId,
@@ -43,25 +34,11 @@ pub enum WriteOp {
     DeleteDoc { doc: DocumentId },
 }
 
-/// The stored chunks a [`WriteOp::Fold`] snapshot was made from. Only the store makes one.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Covered {
-    pub(crate) keys: Vec<sled::IVec>,
-    pub(crate) sizes: DocSizes,
-}
-
-impl Covered {
-    /// How many chunks the snapshot replaces.
-    pub fn chunks(&self) -> usize {
-        self.keys.len()
-    }
-}
-
 impl WriteOp {
     pub(crate) fn payload_len(&self) -> usize {
         match self {
             WriteOp::AppendChunk { bytes, .. } | WriteOp::PutSyncState { bytes, .. } => bytes.len(),
-            WriteOp::Compact { snapshot, .. } | WriteOp::Fold { snapshot, .. } => snapshot.len(),
+            WriteOp::Compact { snapshot, .. } => snapshot.len(),
             WriteOp::DeleteDoc { .. } => 0,
         }
     }
@@ -73,7 +50,6 @@ pub(crate) trait Committed {
     /// Keys of the document's chunks (`chunks_only`) or of everything it has.
     fn doc_keys(&self, doc: &DocumentId, chunks_only: bool) -> Result<Vec<Vec<u8>>, StoreError>;
     fn next_seq(&self) -> Result<u64, StoreError>;
-    fn key_exists(&self, key: &[u8]) -> Result<bool, StoreError>;
 }
 
 struct OpenAppend {
@@ -92,9 +68,6 @@ pub(crate) struct Plan {
     pub ops: u64,
     pub chunks: u64,
     pub bytes: u64,
-    /// Folds applied, and folds dropped because a chunk they cover was gone.
-    pub folds: u64,
-    pub folds_skipped: u64,
     open: HashMap<DocumentId, OpenAppend>,
 }
 
@@ -150,27 +123,6 @@ impl Plan {
                 self.chunks += 1;
                 self.docs.insert(*doc.as_bytes(), true);
             }
-            WriteOp::Fold {
-                doc,
-                snapshot,
-                covers,
-            } => {
-                if !self.all_stored(&covers.keys, committed)? {
-                    self.folds_skipped += 1;
-                    return Ok(());
-                }
-                self.folds += 1;
-                for k in covers.keys {
-                    self.data.insert(k.to_vec(), None);
-                }
-                let key = chunk_key(&doc, ChunkKind::Snapshot, committed.next_seq()?);
-                self.sizes
-                    .entry(doc)
-                    .or_default()
-                    .fold(covers.sizes, snapshot.len() as u64);
-                self.data.insert(key, Some(seal(&snapshot)));
-                self.chunks += 1;
-            }
             WriteOp::PutSyncState {
                 doc,
                 storage_id,
@@ -209,24 +161,6 @@ impl Plan {
             Some(&listed) => Ok(listed),
             None => committed.doc_exists(doc),
         }
-    }
-
-    /// Whether every key is stored, counting this plan's own inserts and removals.
-    fn all_stored(
-        &self,
-        keys: &[sled::IVec],
-        committed: &impl Committed,
-    ) -> Result<bool, StoreError> {
-        for k in keys {
-            let stored = match self.data.get(k.as_ref()) {
-                Some(v) => v.is_some(),
-                None => committed.key_exists(k)?,
-            };
-            if !stored {
-                return Ok(false);
-            }
-        }
-        Ok(true)
     }
 
     fn remove_doc_keys(
@@ -277,9 +211,6 @@ mod tests {
         fn next_seq(&self) -> Result<u64, StoreError> {
             self.seq.set(self.seq.get() + 1);
             Ok(self.seq.get())
-        }
-        fn key_exists(&self, key: &[u8]) -> Result<bool, StoreError> {
-            Ok(self.existing.iter().any(|k| k == key))
         }
     }
 
@@ -365,87 +296,6 @@ mod tests {
         assert_eq!(p.data.get(&old), Some(&None));
         assert_eq!(p.sizes[&a].base, Base::Reset(4));
         assert_eq!(p.sizes[&a].add_bytes, 1);
-    }
-
-    fn fold(doc: DocumentId, keys: &[&Vec<u8>]) -> WriteOp {
-        WriteOp::Fold {
-            doc,
-            snapshot: b"snap".to_vec(),
-            covers: Covered {
-                keys: keys
-                    .iter()
-                    .map(|k| sled::IVec::from(k.as_slice()))
-                    .collect(),
-                sizes: DocSizes {
-                    snapshot_bytes: 0,
-                    incremental_bytes: 2,
-                    incremental_chunks: 2,
-                },
-            },
-        }
-    }
-
-    #[test]
-    fn fold_removes_exactly_what_it_covers() {
-        let a = DocumentId::from_bytes([1; 16]);
-        let (k1, k2, later) = (
-            chunk_key(&a, ChunkKind::Incremental, 1),
-            chunk_key(&a, ChunkKind::Incremental, 2),
-            chunk_key(&a, ChunkKind::Incremental, 3),
-        );
-        let fake = Fake {
-            existing: vec![k1.clone(), k2.clone(), later.clone()],
-            seq: Cell::new(10),
-        };
-        let cfg = StoreConfig::default();
-        let mut p = Plan::default();
-        p.add(fold(a, &[&k1, &k2]), &fake, &cfg).unwrap();
-        p.finish();
-        assert_eq!(p.folds, 1);
-        assert_eq!(p.data.get(&k1), Some(&None));
-        assert_eq!(p.data.get(&k2), Some(&None));
-        assert_eq!(
-            p.data.get(&later),
-            None,
-            "a chunk written after the read stays"
-        );
-        let snap = chunk_key(&a, ChunkKind::Snapshot, 11);
-        assert!(matches!(p.data.get(&snap), Some(Some(_))));
-        assert_eq!(p.sizes[&a].folded.incremental_chunks, 2);
-        assert_eq!(p.sizes[&a].fold_snapshot_bytes, 4);
-    }
-
-    #[test]
-    fn fold_is_dropped_when_a_covered_chunk_is_gone() {
-        let a = DocumentId::from_bytes([1; 16]);
-        let (k1, k2) = (
-            chunk_key(&a, ChunkKind::Incremental, 1),
-            chunk_key(&a, ChunkKind::Incremental, 2),
-        );
-        let cfg = StoreConfig::default();
-        // k2 was removed before the fold committed (another compaction got there first).
-        let fake = Fake {
-            existing: vec![k1.clone()],
-            ..Default::default()
-        };
-        let mut p = Plan::default();
-        p.add(fold(a, &[&k1, &k2]), &fake, &cfg).unwrap();
-        p.finish();
-        assert_eq!((p.folds, p.folds_skipped), (0, 1));
-        assert!(p.data.is_empty(), "nothing written, nothing removed");
-
-        // Deleted earlier in the same batch: the document must not come back.
-        let fake = Fake {
-            existing: vec![k1.clone(), k2.clone()],
-            ..Default::default()
-        };
-        let mut p = Plan::default();
-        p.add(WriteOp::DeleteDoc { doc: a }, &fake, &cfg).unwrap();
-        p.add(fold(a, &[&k1, &k2]), &fake, &cfg).unwrap();
-        p.finish();
-        assert_eq!(p.folds_skipped, 1);
-        assert!(p.data.values().all(Option::is_none));
-        assert_eq!(p.docs.get(a.as_bytes()), Some(&false));
     }
 
     #[test]

@@ -39,9 +39,6 @@ pub(crate) struct SizeEffect {
     pub base: Base,
     pub add_bytes: u64,
     pub add_chunks: u64,
-    /// Folds in this batch: the sizes of the chunks they replaced, and their snapshots' bytes.
-    pub folded: DocSizes,
-    pub fold_snapshot_bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -59,13 +56,6 @@ impl SizeEffect {
     pub fn append(&mut self, bytes: u64, new_chunk: bool) {
         self.add_bytes += bytes;
         self.add_chunks += u64::from(new_chunk);
-    }
-    /// A fold replaced chunks of these sizes by a snapshot of `snapshot` bytes.
-    pub fn fold(&mut self, replaced: DocSizes, snapshot: u64) {
-        self.folded.snapshot_bytes += replaced.snapshot_bytes;
-        self.folded.incremental_bytes += replaced.incremental_bytes;
-        self.folded.incremental_chunks += replaced.incremental_chunks;
-        self.fold_snapshot_bytes += snapshot;
     }
     pub fn reset(&mut self, snapshot: u64) {
         *self = SizeEffect {
@@ -115,15 +105,8 @@ impl SizeTable {
                 None => return,
             },
         };
-        let f = effect.folded;
-        entry.snapshot_bytes =
-            entry.snapshot_bytes.saturating_sub(f.snapshot_bytes) + effect.fold_snapshot_bytes;
-        entry.incremental_bytes =
-            entry.incremental_bytes.saturating_sub(f.incremental_bytes) + effect.add_bytes;
-        entry.incremental_chunks = entry
-            .incremental_chunks
-            .saturating_sub(f.incremental_chunks)
-            + effect.add_chunks;
+        entry.incremental_bytes += effect.add_bytes;
+        entry.incremental_chunks += effect.add_chunks;
     }
 }
 
@@ -183,25 +166,6 @@ mod tests {
                 snapshot_bytes: 0,
                 incremental_bytes: 15,
                 incremental_chunks: 1
-            })
-        );
-        // A fold replaces what it read (10 of the 15 bytes) and keeps the rest.
-        let mut e = SizeEffect::default();
-        e.fold(
-            DocSizes {
-                snapshot_bytes: 0,
-                incremental_bytes: 10,
-                incremental_chunks: 1,
-            },
-            4,
-        );
-        t.apply(a, e);
-        assert_eq!(
-            t.get(&a),
-            Some(DocSizes {
-                snapshot_bytes: 4,
-                incremental_bytes: 5,
-                incremental_chunks: 0
             })
         );
         let mut e = SizeEffect::default();

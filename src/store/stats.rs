@@ -21,10 +21,6 @@ pub struct StoreStats {
     pub bytes_written: u64,
     /// Chunks found corrupt and quarantined by `load`.
     pub corrupt_chunks: u64,
-    /// Folds committed ([`Store::fold`](super::Store::fold)), and folds dropped because a
-    /// chunk they covered was gone by then (a concurrent compaction or deletion).
-    pub folds: u64,
-    pub folds_skipped: u64,
     /// Time the writer spent in each phase of its batches, in nanoseconds: building the plan
     /// and applying it in a sled transaction; sled's `flush()`; `fdatasync` plus blob fsyncs.
     pub apply_nanos: u64,
@@ -42,8 +38,6 @@ pub(crate) struct Counters {
     pub chunks_written: AtomicU64,
     pub bytes_written: AtomicU64,
     pub corrupt_chunks: AtomicU64,
-    pub folds: AtomicU64,
-    pub folds_skipped: AtomicU64,
     pub apply_nanos: AtomicU64,
     pub flush_nanos: AtomicU64,
     pub sync_nanos: AtomicU64,
@@ -71,8 +65,6 @@ impl Counters {
             chunks_written: self.chunks_written.load(Relaxed),
             bytes_written: self.bytes_written.load(Relaxed),
             corrupt_chunks: self.corrupt_chunks.load(Relaxed),
-            folds: self.folds.load(Relaxed),
-            folds_skipped: self.folds_skipped.load(Relaxed),
             apply_nanos: self.apply_nanos.load(Relaxed),
             flush_nanos: self.flush_nanos.load(Relaxed),
             sync_nanos: self.sync_nanos.load(Relaxed),

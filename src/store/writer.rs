@@ -64,10 +64,6 @@ impl Committed for Writer {
     fn next_seq(&self) -> Result<u64, StoreError> {
         Ok(self.db.generate_id()?)
     }
-
-    fn key_exists(&self, key: &[u8]) -> Result<bool, StoreError> {
-        Ok(self.data.contains_key(key)?)
-    }
 }
 
 impl Writer {
@@ -130,8 +126,6 @@ impl Writer {
                 Counters::add(&c.ops_written, plan.ops);
                 Counters::add(&c.chunks_written, plan.chunks);
                 Counters::add(&c.bytes_written, plan.bytes);
-                Counters::add(&c.folds, plan.folds);
-                Counters::add(&c.folds_skipped, plan.folds_skipped);
             }
             Err(e) => tracing::error!(error = %e, requests, "store write batch failed"),
         }
