@@ -2,9 +2,9 @@
 //!
 //! A document is one prefix scan of the `data` tree. Each value's blake3 checksum is checked,
 //! then its payload is checked to really be Automerge (see `validate`), then applied: the
-//! snapshot with a strict load, then every incremental chunk, in write order, in **one**
-//! `load_incremental` call (changes whose dependencies are missing are queued by Automerge,
-//! which is fine).
+//! snapshot with a strict load, then the incremental chunks, in write order, in as few
+//! `load_incremental` calls as possible: one per 8 MiB of payload (changes whose dependencies
+//! are missing are queued by Automerge, which is fine).
 //!
 //! Why one call: in automerge 0.12 every `load_incremental` whose changes touch a text walks
 //! that text's ops (`../shared/NOTES.md` section 2), 25 ms per call on a 100k-character note
@@ -116,7 +116,7 @@ pub(crate) fn load(
     if !seen_any && !docs.contains_key(id.as_bytes())? {
         return Ok(None);
     }
-    let built = build(id, &chunks);
+    let built = build(id, &chunks, BATCH_BYTES);
     corrupt.extend(built.corrupt);
     for c in &corrupt {
         tracing::warn!(doc = %c.doc, chunk = %hex(&c.key), reason = ?c.reason, "corrupt chunk: moving it to quarantine");
@@ -155,22 +155,29 @@ struct Built {
     corrupt: Vec<CorruptChunk>,
 }
 
-/// Applies the chunks: the first snapshot (snapshots sort first) with a strict load, then every
-/// other valid chunk in one `load_incremental`; if that call fails, starts over chunk by chunk.
-fn build(id: &DocumentId, chunks: &[Stored]) -> Built {
+/// Applies the chunks: the first snapshot (snapshots sort first) with a strict load, then the
+/// other valid chunks in as few `load_incremental` calls as `batch_bytes` per call allows; if a
+/// call fails, starts over chunk by chunk.
+fn build(id: &DocumentId, chunks: &[Stored], batch_bytes: usize) -> Built {
     let (mut out, rest) = prepare(id, chunks);
-    let ok = match rest.as_slice() {
-        [] => true,
-        [i] => out.doc.load_incremental(chunks[*i].payload()).is_ok(),
-        many => {
-            let len = many.iter().map(|&i| chunks[i].payload.len()).sum();
-            let mut all = Vec::with_capacity(len);
-            for &i in many {
-                all.extend_from_slice(chunks[i].payload());
+    let mut ok = true;
+    // Groups of at most BATCH_BYTES (a lone larger chunk is a group of its own), so the copy
+    // stays bounded while a note pays one apply per group instead of one per chunk.
+    let mut group: Vec<u8> = Vec::new();
+    for (n, &i) in rest.iter().enumerate() {
+        group.extend_from_slice(chunks[i].payload());
+        let full = match rest.get(n + 1) {
+            None => true,
+            Some(&j) => group.len() + chunks[j].payload.len() > batch_bytes,
+        };
+        if full {
+            if out.doc.load_incremental(&group).is_err() {
+                ok = false;
+                break;
             }
-            out.doc.load_incremental(&all).is_ok()
+            group.clear();
         }
-    };
+    }
     if ok {
         out.applied.extend(rest);
         return out;
@@ -185,6 +192,10 @@ fn build(id: &DocumentId, chunks: &[Stored]) -> Built {
     }
     out
 }
+
+/// Most payload bytes given to one `load_incremental` call (more only for a lone larger chunk):
+/// bounds the copy the grouping makes.
+const BATCH_BYTES: usize = 8 * 1024 * 1024;
 
 /// Loads the first snapshot and validates everything else; returns the valid rest, unapplied.
 fn prepare(id: &DocumentId, chunks: &[Stored]) -> (Built, Vec<usize>) {
@@ -245,4 +256,46 @@ fn quarantine_chunks(
                 StoreError::Sled(sled::Error::Unsupported("transaction aborted".into()))
             }
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use automerge::{transaction::Transactable, AutoCommit, ReadDoc, ROOT};
+
+    fn stored(seq: u64, payload: &[u8]) -> Stored {
+        let doc = DocumentId::from_bytes([7; 16]);
+        let value = IVec::from(checksum::seal(payload));
+        Stored {
+            key: IVec::from(super::super::keys::chunk_key(
+                &doc,
+                ChunkKind::Incremental,
+                seq,
+            )),
+            kind: ChunkKind::Incremental,
+            payload: checksum::CHECKSUM_LEN..value.len(),
+            value,
+        }
+    }
+
+    #[test]
+    fn groups_of_any_size_load_the_same_document() {
+        let mut d = AutoCommit::new();
+        let chunks: Vec<Stored> = (0..40)
+            .map(|i| {
+                d.put(ROOT, format!("k{i}"), i as i64).unwrap();
+                stored(i, &d.save_incremental())
+            })
+            .collect();
+        let id = DocumentId::from_bytes([7; 16]);
+        let one_chunk = chunks[0].payload.len();
+        // one group, several groups, one chunk per group
+        for batch in [usize::MAX, one_chunk * 7, 1] {
+            let built = build(&id, &chunks, batch);
+            assert!(built.corrupt.is_empty());
+            assert_eq!(built.applied.len(), 40, "batch {batch}");
+            assert_eq!(built.doc.get_heads(), d.get_heads(), "batch {batch}");
+            assert_eq!(built.doc.length(ROOT), 40);
+        }
+    }
 }
