@@ -782,3 +782,51 @@ async fn compactions_while_editing_lose_nothing() {
     // Far fewer chunks than the changes: compaction folded them.
     assert!(loaded.chunks < 200, "{} chunks", loaded.chunks);
 }
+
+/// A note found with more stored changes than snapshot is compacted right after the load, so
+/// its next load (after an eviction, say, on a relay) reads a snapshot. A note with few stored
+/// changes is left as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_note_loaded_with_many_stored_changes_is_compacted_once_loaded() {
+    use sheafdb::store::{Store, WriteOp};
+    let dir = tempfile::tempdir().unwrap();
+    let (big, small) = (DocumentId::random(), DocumentId::random());
+    let mut big_doc = automerge::AutoCommit::new();
+    let mut small_doc = automerge::AutoCommit::new();
+    {
+        let store = Store::open(dir.path(), Default::default()).unwrap();
+        let text = big_doc.put_object(ROOT, "text", ObjType::Text).unwrap();
+        // 40 chunks, about 100 KB of changes, no snapshot.
+        for i in 0..40 {
+            big_doc
+                .splice_text(&text, 0, 0, &format!("{i:>2500}"))
+                .unwrap();
+            let bytes = big_doc.save_incremental();
+            store
+                .write_durable(vec![WriteOp::AppendChunk { doc: big, bytes }])
+                .await
+                .unwrap();
+        }
+        for i in 0..5 {
+            small_doc.put(ROOT, format!("k{i}"), i).unwrap();
+            let bytes = small_doc.save_incremental();
+            store
+                .write_durable(vec![WriteOp::AppendChunk { doc: small, bytes }])
+                .await
+                .unwrap();
+        }
+    }
+    let repo = Repo::open(dir.path()).unwrap();
+    for (id, doc) in [(big, &mut big_doc), (small, &mut small_doc)] {
+        let h = repo.find(id).await.unwrap();
+        assert_eq!(h.heads(), doc.get_heads());
+    }
+    // Shutdown waits for compactions under way.
+    repo.shutdown().unwrap();
+    drop(repo);
+    let store = Store::open(dir.path(), Default::default()).unwrap();
+    let l = store.load(&big).unwrap().unwrap();
+    assert_eq!((l.chunks, l.doc.get_heads()), (1, big_doc.get_heads()));
+    let l = store.load(&small).unwrap().unwrap();
+    assert_eq!((l.chunks, l.doc.get_heads()), (5, small_doc.get_heads()));
+}

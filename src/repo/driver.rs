@@ -258,6 +258,7 @@ impl Driver {
             let mut inputs = std::mem::take(&mut self.carry);
             let mut after = Vec::new();
             let mut creates = Vec::new();
+            let mut just_loaded = Vec::new();
             for c in cmds {
                 match c {
                     Cmd::Input(i) => {
@@ -271,7 +272,14 @@ impl Driver {
                         if let Input::Persisted { doc, seq, ok: true } = &i {
                             self.durable.insert(*doc, *seq);
                             self.save_dirty.insert(*doc);
-                            self.maybe_compact(*doc);
+                            self.maybe_compact(*doc, false);
+                        }
+                        if let Input::Loaded {
+                            doc,
+                            loaded: Some(_),
+                        } = &i
+                        {
+                            just_loaded.push(*doc);
                         }
                         if let Input::ConnClosed { conn } = &i {
                             // The socket is gone: drop our sender too, or its queue (a few KiB
@@ -349,6 +357,9 @@ impl Driver {
             }
             for c in after {
                 self.after_batch(c);
+            }
+            for doc in just_loaded {
+                self.maybe_compact(doc, true);
             }
             self.publish_save_states();
         }
@@ -622,9 +633,15 @@ impl Driver {
     }
 
     /// Fold a document's chunks into one snapshot when the store says it is time, on a
-    /// thread of its own (see [`super::compaction`]).
-    fn maybe_compact(&mut self, doc: DocumentId) {
-        if !self.store.needs_compaction(&doc) {
+    /// thread of its own (see [`super::compaction`]). A note `just_loaded` has a lower bar
+    /// ([`Store::worth_compacting_after_load`](crate::store::Store::worth_compacting_after_load)).
+    fn maybe_compact(&mut self, doc: DocumentId, just_loaded: bool) {
+        let due = if just_loaded {
+            self.store.worth_compacting_after_load(&doc)
+        } else {
+            self.store.needs_compaction(&doc)
+        };
+        if !due {
             return;
         }
         let Some(shared) = self.engine.document(&doc) else {

@@ -244,6 +244,16 @@ impl Store {
             .is_some_and(|s| s.needs_compaction(&self.inner.config))
     }
 
+    /// [`needs_compaction`](Self::needs_compaction), with the lower bar for a note that was
+    /// just loaded: its incremental bytes exceed its snapshot's and
+    /// [`StoreConfig::compaction_on_load_min_bytes`].
+    pub fn worth_compacting_after_load(&self, id: &DocumentId) -> bool {
+        self.inner
+            .sizes
+            .get(id)
+            .is_some_and(|s| s.worth_compacting_after_load(&self.inner.config))
+    }
+
     pub fn stats(&self) -> StoreStats {
         self.inner.counters.snapshot()
     }

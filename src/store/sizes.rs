@@ -31,6 +31,13 @@ impl DocSizes {
                     .saturating_mul(config.compaction_factor)
                     .max(config.compaction_min_bytes)
     }
+
+    /// The lower bar for a note that was just loaded (see
+    /// [`StoreConfig::compaction_on_load_min_bytes`]).
+    pub fn worth_compacting_after_load(&self, config: &StoreConfig) -> bool {
+        self.needs_compaction(config)
+            || self.incremental_bytes > self.snapshot_bytes.max(config.compaction_on_load_min_bytes)
+    }
 }
 
 /// How one batch changed a document's sizes, applied after the batch is durable.
@@ -143,6 +150,27 @@ mod tests {
         assert!(s(5000, 40_001, 1).needs_compaction(&c8));
         assert!(!s(5000, 10, 10).needs_compaction(&c));
         assert!(s(5000, 10, 11).needs_compaction(&c), "too many chunks");
+    }
+
+    #[test]
+    fn the_bar_after_a_load_is_the_snapshot_with_a_floor() {
+        let c = StoreConfig {
+            compaction_on_load_min_bytes: 100,
+            ..cfg()
+        };
+        let s = |snap, inc| DocSizes {
+            snapshot_bytes: snap,
+            incremental_bytes: inc,
+            incremental_chunks: 1,
+        };
+        assert!(!s(0, 100).worth_compacting_after_load(&c), "floor applies");
+        assert!(s(0, 101).worth_compacting_after_load(&c));
+        assert!(!s(500, 500).worth_compacting_after_load(&c));
+        assert!(s(500, 501).worth_compacting_after_load(&c));
+        assert!(
+            !s(500, 501).needs_compaction(&c),
+            "lower than the usual bar"
+        );
     }
 
     #[test]
