@@ -6,7 +6,8 @@
 //!   rewriting a whole document per keystroke would cost O(document). When the incrementals
 //!   outgrow the snapshot ([`Store::needs_compaction`]) the runtime writes a
 //!   [`WriteOp::Compact`]: one atomic batch that inserts `doc.save()` and removes the chunks it
-//!   covers. Layout in `keys`.
+//!   covers. Loading stored changes costs several times loading a snapshot, so a note that was
+//!   just loaded has a lower bar ([`Store::worth_compacting_after_load`]). Layout in `keys`.
 //! - **Checksums.** sled 0.34 has open corruption reports after unclean shutdown and no repair
 //!   tool, so every value is `[blake3][payload]` (`checksum`) and every payload is checked to be
 //!   Automerge before it is applied (`validate`). A bad chunk is named, quarantined and skipped
