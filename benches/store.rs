@@ -204,7 +204,7 @@ async fn replay_and_load(trace: &SequentialTrace, n: usize) {
 
     let mut load_ts = Vec::new();
     let mut store_ts = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..5 {
         let t = Instant::now();
         let d = Automerge::load(&save_bytes).unwrap();
         load_ts.push(t.elapsed());
