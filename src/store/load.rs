@@ -6,12 +6,13 @@
 //! `load_incremental` calls as possible: one per 8 MiB of payload (changes whose dependencies
 //! are missing are queued by Automerge, which is fine).
 //!
-//! Why one call: in automerge 0.12 every `load_incremental` whose changes touch a text walks
+//! Why few calls: in automerge 0.12 every `load_incremental` whose changes touch a text walks
 //! that text's ops (`../shared/NOTES.md` section 2), 25 ms per call on a 100k-character note
-//! however few changes it carries. A note with 40 stored chunks would pay that 40 times. Each
-//! chunk is validated on its own first, so the batched call cannot meet a chunk that does not
-//! parse; if it fails anyway (a change Automerge refuses to apply), the load starts over chunk
-//! by chunk to name the culprit.
+//! however few changes it carries. A note with 40 stored chunks would pay that 40 times. The
+//! scan streams: only the group being gathered is held in memory. Each chunk is validated on
+//! its own first, so a group cannot meet a chunk that does not parse; if Automerge refuses a
+//! group anyway (a change it will not apply), the load starts over chunk by chunk to name the
+//! culprit.
 //!
 //! A chunk that fails is reported as a [`CorruptChunk`], logged with `tracing::warn!` naming the
 //! document and key, and moved (bytes untouched, same key) to the `quarantine` tree in one
@@ -19,11 +20,9 @@
 //! from what remains.
 
 use std::collections::HashMap;
-use std::ops::Range;
 
 use automerge::Automerge;
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
-use sled::IVec;
 
 use super::checksum::{self, FrameError};
 use super::error::{CorruptChunk, CorruptReason};
@@ -52,185 +51,179 @@ pub(crate) struct Loaded {
     pub sizes: DocSizes,
 }
 
-/// A chunk whose checksum held: its key, kind, value, and where the payload sits in the value.
-struct Stored {
-    key: IVec,
-    kind: ChunkKind,
-    value: IVec,
-    payload: Range<usize>,
-}
-
-impl Stored {
-    fn payload(&self) -> &[u8] {
-        &self.value[self.payload.clone()]
-    }
-}
-
 pub(crate) fn load(
     data: &sled::Tree,
     docs: &sled::Tree,
     quarantine: &sled::Tree,
     id: &DocumentId,
 ) -> Result<Option<Loaded>, StoreError> {
-    let mut sync_states = HashMap::new();
-    let mut corrupt = Vec::new();
-    let mut chunks = Vec::new();
-    let mut seen_any = false;
+    let mut pass = read(data, id, Some(BATCH_BYTES))?;
+    if pass.refused {
+        // Automerge refused a group, which may have been applied in part: start over chunk by
+        // chunk, to name the culprit.
+        pass = read(data, id, None)?;
+    }
+    if !pass.seen_any && !docs.contains_key(id.as_bytes())? {
+        return Ok(None);
+    }
+    for c in &pass.corrupt {
+        tracing::warn!(doc = %c.doc, chunk = %hex(&c.key), reason = ?c.reason, "corrupt chunk: moving it to quarantine");
+    }
+    quarantine_chunks(data, quarantine, &pass.corrupt)?;
+    Ok(Some(Loaded {
+        doc: LoadedDoc {
+            doc: pass.doc,
+            chunks: pass.chunks,
+            bytes: pass.bytes,
+            corrupt: pass.corrupt,
+            sync_states: pass.sync_states,
+        },
+        sizes: pass.sizes,
+    }))
+}
 
+/// Most payload bytes given to one `load_incremental` call (more only for a lone larger
+/// chunk): bounds the copy the grouping makes.
+const BATCH_BYTES: usize = 8 * 1024 * 1024;
+
+/// One scan of a document's keys.
+struct Pass {
+    doc: Automerge,
+    chunks: usize,
+    bytes: u64,
+    sizes: DocSizes,
+    corrupt: Vec<CorruptChunk>,
+    sync_states: HashMap<StorageId, Vec<u8>>,
+    seen_any: bool,
+    /// Automerge refused a group of chunks; the pass stopped there.
+    refused: bool,
+}
+
+/// Valid incremental chunks waiting to be applied together.
+#[derive(Default)]
+struct Group {
+    bytes: Vec<u8>,
+    chunks: Vec<(ChunkKind, u64)>,
+}
+
+impl Pass {
+    fn count(&mut self, kind: ChunkKind, len: u64) {
+        self.chunks += 1;
+        self.bytes += len;
+        match kind {
+            ChunkKind::Snapshot => self.sizes.snapshot_bytes += len,
+            ChunkKind::Incremental => {
+                self.sizes.incremental_bytes += len;
+                self.sizes.incremental_chunks += 1;
+            }
+        }
+    }
+
+    /// Applies the group in one call; `false` if Automerge refused it.
+    fn apply(&mut self, group: &mut Group) -> bool {
+        if group.chunks.is_empty() {
+            return true;
+        }
+        if self.doc.load_incremental(&group.bytes).is_err() {
+            return false;
+        }
+        for (kind, len) in group.chunks.drain(..) {
+            self.count(kind, len);
+        }
+        group.bytes.clear();
+        true
+    }
+}
+
+/// Scans the document once, streaming: checksums, then the first snapshot with a strict load,
+/// then every other chunk validated on its own and applied in groups of up to `batch` bytes
+/// (`None`: one chunk per call, naming any chunk Automerge refuses as corrupt).
+fn read(data: &sled::Tree, id: &DocumentId, batch: Option<usize>) -> Result<Pass, StoreError> {
+    let mut p = Pass {
+        doc: Automerge::new(),
+        chunks: 0,
+        bytes: 0,
+        sizes: DocSizes::default(),
+        corrupt: Vec::new(),
+        sync_states: HashMap::new(),
+        seen_any: false,
+        refused: false,
+    };
+    let mut group = Group::default();
     for item in data.scan_prefix(id.as_bytes()) {
         let (key, value) = item?;
-        seen_any = true;
+        p.seen_any = true;
         let Some(parsed) = parse_key(&key) else {
             tracing::warn!(doc = %id, key = %hex(&key), "skipping a key that does not fit the layout");
             continue;
         };
         let payload = match checksum::open(&value) {
-            Ok(p) => p.len(),
+            Ok(payload) => payload,
             Err(e) => {
                 let reason = match e {
                     FrameError::TooShort(len) => CorruptReason::Truncated { len },
                     FrameError::Mismatch => CorruptReason::ChecksumMismatch,
                 };
-                corrupt.push(CorruptChunk {
-                    doc: *id,
-                    key: key.to_vec(),
-                    reason,
-                });
+                p.corrupt.push(corrupt(id, &key, reason));
                 continue;
             }
         };
-        let payload = value.len() - payload..value.len();
-        match parsed {
+        let kind = match parsed {
             ParsedKey::SyncState { storage_id, .. } => {
-                sync_states.insert(storage_id, value[payload].to_vec());
+                p.sync_states.insert(storage_id, payload.to_vec());
+                continue;
             }
-            ParsedKey::Chunk { kind, .. } => chunks.push(Stored {
-                key,
-                kind,
-                value,
-                payload,
-            }),
-        }
-    }
-
-    if !seen_any && !docs.contains_key(id.as_bytes())? {
-        return Ok(None);
-    }
-    let built = build(id, &chunks, BATCH_BYTES);
-    corrupt.extend(built.corrupt);
-    for c in &corrupt {
-        tracing::warn!(doc = %c.doc, chunk = %hex(&c.key), reason = ?c.reason, "corrupt chunk: moving it to quarantine");
-    }
-    quarantine_chunks(data, quarantine, &corrupt)?;
-    let mut sizes = DocSizes::default();
-    let mut bytes = 0;
-    for &i in &built.applied {
-        let c = &chunks[i];
-        let len = c.payload.len() as u64;
-        bytes += len;
-        match c.kind {
-            ChunkKind::Snapshot => sizes.snapshot_bytes += len,
-            ChunkKind::Incremental => {
-                sizes.incremental_bytes += len;
-                sizes.incremental_chunks += 1;
-            }
-        }
-    }
-    Ok(Some(Loaded {
-        doc: LoadedDoc {
-            doc: built.doc,
-            chunks: built.applied.len(),
-            bytes,
-            corrupt,
-            sync_states,
-        },
-        sizes,
-    }))
-}
-
-struct Built {
-    doc: Automerge,
-    /// Indices into the chunk list.
-    applied: Vec<usize>,
-    corrupt: Vec<CorruptChunk>,
-}
-
-/// Applies the chunks: the first snapshot (snapshots sort first) with a strict load, then the
-/// other valid chunks in as few `load_incremental` calls as `batch_bytes` per call allows; if a
-/// call fails, starts over chunk by chunk.
-fn build(id: &DocumentId, chunks: &[Stored], batch_bytes: usize) -> Built {
-    let (mut out, rest) = prepare(id, chunks);
-    let mut ok = true;
-    // Groups of at most BATCH_BYTES (a lone larger chunk is a group of its own), so the copy
-    // stays bounded while a note pays one apply per group instead of one per chunk.
-    let mut group: Vec<u8> = Vec::new();
-    for (n, &i) in rest.iter().enumerate() {
-        group.extend_from_slice(chunks[i].payload());
-        let full = match rest.get(n + 1) {
-            None => true,
-            Some(&j) => group.len() + chunks[j].payload.len() > batch_bytes,
+            ParsedKey::Chunk { kind, .. } => kind,
         };
-        if full {
-            if out.doc.load_incremental(&group).is_err() {
-                ok = false;
-                break;
-            }
-            group.clear();
-        }
-    }
-    if ok {
-        out.applied.extend(rest);
-        return out;
-    }
-    // The failed call may have applied part of its input: start from scratch.
-    let (mut out, rest) = prepare(id, chunks);
-    for i in rest {
-        match out.doc.load_incremental(chunks[i].payload()) {
-            Ok(_) => out.applied.push(i),
-            Err(e) => out.corrupt.push(corrupt(id, &chunks[i], e.to_string())),
-        }
-    }
-    out
-}
-
-/// Most payload bytes given to one `load_incremental` call (more only for a lone larger chunk):
-/// bounds the copy the grouping makes.
-const BATCH_BYTES: usize = 8 * 1024 * 1024;
-
-/// Loads the first snapshot and validates everything else; returns the valid rest, unapplied.
-fn prepare(id: &DocumentId, chunks: &[Stored]) -> (Built, Vec<usize>) {
-    let mut out = Built {
-        doc: Automerge::new(),
-        applied: Vec::new(),
-        corrupt: Vec::new(),
-    };
-    let mut rest = Vec::new();
-    for (i, c) in chunks.iter().enumerate() {
-        if c.kind == ChunkKind::Snapshot && out.doc.is_empty() && rest.is_empty() {
+        let len = payload.len() as u64;
+        if kind == ChunkKind::Snapshot && p.doc.is_empty() && group.chunks.is_empty() {
             // the common case: the real load is strict, no separate validation needed
-            match load_strict(c.payload()) {
+            match load_strict(payload) {
                 Ok(doc) => {
-                    out.doc = doc;
-                    out.applied.push(i);
+                    p.doc = doc;
+                    p.count(kind, len);
                 }
-                Err(e) => out.corrupt.push(corrupt(id, c, e.to_string())),
+                Err(e) => p.corrupt.push(not_automerge(id, &key, e.to_string())),
             }
             continue;
         }
-        match validate(c.payload()) {
-            Ok(()) => rest.push(i),
-            Err(msg) => out.corrupt.push(corrupt(id, c, msg)),
+        if let Err(msg) = validate(payload) {
+            p.corrupt.push(not_automerge(id, &key, msg));
+            continue;
         }
+        let Some(max) = batch else {
+            match p.doc.load_incremental(payload) {
+                Ok(_) => p.count(kind, len),
+                Err(e) => p.corrupt.push(not_automerge(id, &key, e.to_string())),
+            }
+            continue;
+        };
+        if !group.bytes.is_empty()
+            && group.bytes.len() + payload.len() > max
+            && !p.apply(&mut group)
+        {
+            p.refused = true;
+            return Ok(p);
+        }
+        group.bytes.extend_from_slice(payload);
+        group.chunks.push((kind, len));
     }
-    (out, rest)
+    if !p.apply(&mut group) {
+        p.refused = true;
+    }
+    Ok(p)
 }
 
-fn corrupt(id: &DocumentId, c: &Stored, msg: String) -> CorruptChunk {
+fn corrupt(id: &DocumentId, key: &[u8], reason: CorruptReason) -> CorruptChunk {
     CorruptChunk {
         doc: *id,
-        key: c.key.to_vec(),
-        reason: CorruptReason::NotAutomerge(msg),
+        key: key.to_vec(),
+        reason,
     }
+}
+
+fn not_automerge(id: &DocumentId, key: &[u8], msg: String) -> CorruptChunk {
+    corrupt(id, key, CorruptReason::NotAutomerge(msg))
 }
 
 fn quarantine_chunks(
@@ -261,41 +254,31 @@ fn quarantine_chunks(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::keys::chunk_key;
     use automerge::{transaction::Transactable, AutoCommit, ReadDoc, ROOT};
-
-    fn stored(seq: u64, payload: &[u8]) -> Stored {
-        let doc = DocumentId::from_bytes([7; 16]);
-        let value = IVec::from(checksum::seal(payload));
-        Stored {
-            key: IVec::from(super::super::keys::chunk_key(
-                &doc,
-                ChunkKind::Incremental,
-                seq,
-            )),
-            kind: ChunkKind::Incremental,
-            payload: checksum::CHECKSUM_LEN..value.len(),
-            value,
-        }
-    }
 
     #[test]
     fn groups_of_any_size_load_the_same_document() {
-        let mut d = AutoCommit::new();
-        let chunks: Vec<Stored> = (0..40)
-            .map(|i| {
-                d.put(ROOT, format!("k{i}"), i as i64).unwrap();
-                stored(i, &d.save_incremental())
-            })
-            .collect();
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let data = db.open_tree("data").unwrap();
         let id = DocumentId::from_bytes([7; 16]);
-        let one_chunk = chunks[0].payload.len();
-        // one group, several groups, one chunk per group
-        for batch in [usize::MAX, one_chunk * 7, 1] {
-            let built = build(&id, &chunks, batch);
-            assert!(built.corrupt.is_empty());
-            assert_eq!(built.applied.len(), 40, "batch {batch}");
-            assert_eq!(built.doc.get_heads(), d.get_heads(), "batch {batch}");
-            assert_eq!(built.doc.length(ROOT), 40);
+        let mut d = AutoCommit::new();
+        let mut one_chunk = 0;
+        for i in 0..40 {
+            d.put(ROOT, format!("k{i}"), i as i64).unwrap();
+            let payload = d.save_incremental();
+            one_chunk = payload.len();
+            let key = chunk_key(&id, ChunkKind::Incremental, i);
+            data.insert(key, checksum::seal(&payload)).unwrap();
+        }
+        // one group, several groups, one chunk per group, and chunk by chunk
+        for batch in [Some(usize::MAX), Some(one_chunk * 7), Some(1), None] {
+            let p = read(&data, &id, batch).unwrap();
+            assert!(!p.refused && p.corrupt.is_empty(), "{batch:?}");
+            assert_eq!(p.chunks, 40, "{batch:?}");
+            assert_eq!(p.sizes.incremental_chunks, 40, "{batch:?}");
+            assert_eq!(p.doc.get_heads(), d.get_heads(), "{batch:?}");
+            assert_eq!(p.doc.length(ROOT), 40);
         }
     }
 }
