@@ -185,6 +185,9 @@ fn spawn_loader(
     (ltx, handle)
 }
 
+/// At most this many compactions under way when a load asks for one.
+const MAX_COMPACTIONS_AFTER_LOAD: usize = 2;
+
 struct Driver {
     engine: Engine,
     inner: Weak<Inner>,
@@ -647,8 +650,16 @@ impl Driver {
         let Some(shared) = self.engine.document(&doc) else {
             return;
         };
-        if !self.compacting.lock().insert(doc) {
-            return;
+        {
+            let mut compacting = self.compacting.lock();
+            // Loads come in bursts (a relay serving many notes at once); each compaction holds
+            // a clone of its note. A note skipped here is compacted at a later load or write.
+            if just_loaded && compacting.len() >= MAX_COMPACTIONS_AFTER_LOAD {
+                return;
+            }
+            if !compacting.insert(doc) {
+                return;
+            }
         }
         let store = self.store.clone();
         let compacting = self.compacting.clone();
