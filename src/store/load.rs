@@ -66,18 +66,12 @@ pub(crate) fn load(
     if !pass.seen_any && !docs.contains_key(id.as_bytes())? {
         return Ok(None);
     }
-    for c in &pass.corrupt {
+    for c in &pass.out.corrupt {
         tracing::warn!(doc = %c.doc, chunk = %hex(&c.key), reason = ?c.reason, "corrupt chunk: moving it to quarantine");
     }
-    quarantine_chunks(data, quarantine, &pass.corrupt)?;
+    quarantine_chunks(data, quarantine, &pass.out.corrupt)?;
     Ok(Some(Loaded {
-        doc: LoadedDoc {
-            doc: pass.doc,
-            chunks: pass.chunks,
-            bytes: pass.bytes,
-            corrupt: pass.corrupt,
-            sync_states: pass.sync_states,
-        },
+        doc: pass.out,
         sizes: pass.sizes,
     }))
 }
@@ -88,12 +82,8 @@ const BATCH_BYTES: usize = 8 * 1024 * 1024;
 
 /// One scan of a document's keys.
 struct Pass {
-    doc: Automerge,
-    chunks: usize,
-    bytes: u64,
+    out: LoadedDoc,
     sizes: DocSizes,
-    corrupt: Vec<CorruptChunk>,
-    sync_states: HashMap<StorageId, Vec<u8>>,
     seen_any: bool,
     /// Automerge refused a group of chunks; the pass stopped there.
     refused: bool,
@@ -108,8 +98,8 @@ struct Group {
 
 impl Pass {
     fn count(&mut self, kind: ChunkKind, len: u64) {
-        self.chunks += 1;
-        self.bytes += len;
+        self.out.chunks += 1;
+        self.out.bytes += len;
         match kind {
             ChunkKind::Snapshot => self.sizes.snapshot_bytes += len,
             ChunkKind::Incremental => {
@@ -124,7 +114,7 @@ impl Pass {
         if group.chunks.is_empty() {
             return true;
         }
-        if self.doc.load_incremental(&group.bytes).is_err() {
+        if self.out.doc.load_incremental(&group.bytes).is_err() {
             return false;
         }
         for (kind, len) in group.chunks.drain(..) {
@@ -140,12 +130,14 @@ impl Pass {
 /// (`None`: one chunk per call, naming any chunk Automerge refuses as corrupt).
 fn read(data: &sled::Tree, id: &DocumentId, batch: Option<usize>) -> Result<Pass, StoreError> {
     let mut p = Pass {
-        doc: Automerge::new(),
-        chunks: 0,
-        bytes: 0,
+        out: LoadedDoc {
+            doc: Automerge::new(),
+            chunks: 0,
+            bytes: 0,
+            corrupt: Vec::new(),
+            sync_states: HashMap::new(),
+        },
         sizes: DocSizes::default(),
-        corrupt: Vec::new(),
-        sync_states: HashMap::new(),
         seen_any: false,
         refused: false,
     };
@@ -164,37 +156,37 @@ fn read(data: &sled::Tree, id: &DocumentId, batch: Option<usize>) -> Result<Pass
                     FrameError::TooShort(len) => CorruptReason::Truncated { len },
                     FrameError::Mismatch => CorruptReason::ChecksumMismatch,
                 };
-                p.corrupt.push(corrupt(id, &key, reason));
+                p.out.corrupt.push(corrupt(id, &key, reason));
                 continue;
             }
         };
         let kind = match parsed {
             ParsedKey::SyncState { storage_id, .. } => {
-                p.sync_states.insert(storage_id, payload.to_vec());
+                p.out.sync_states.insert(storage_id, payload.to_vec());
                 continue;
             }
             ParsedKey::Chunk { kind, .. } => kind,
         };
         let len = payload.len() as u64;
-        if kind == ChunkKind::Snapshot && p.doc.is_empty() && group.chunks.is_empty() {
+        if kind == ChunkKind::Snapshot && p.out.doc.is_empty() && group.chunks.is_empty() {
             // the common case: the real load is strict, no separate validation needed
             match load_strict(payload) {
                 Ok(doc) => {
-                    p.doc = doc;
+                    p.out.doc = doc;
                     p.count(kind, len);
                 }
-                Err(e) => p.corrupt.push(not_automerge(id, &key, e.to_string())),
+                Err(e) => p.out.corrupt.push(not_automerge(id, &key, e.to_string())),
             }
             continue;
         }
         if let Err(msg) = validate(payload) {
-            p.corrupt.push(not_automerge(id, &key, msg));
+            p.out.corrupt.push(not_automerge(id, &key, msg));
             continue;
         }
         let Some(max) = batch else {
-            match p.doc.load_incremental(payload) {
+            match p.out.doc.load_incremental(payload) {
                 Ok(_) => p.count(kind, len),
-                Err(e) => p.corrupt.push(not_automerge(id, &key, e.to_string())),
+                Err(e) => p.out.corrupt.push(not_automerge(id, &key, e.to_string())),
             }
             continue;
         };
@@ -274,11 +266,11 @@ mod tests {
         // one group, several groups, one chunk per group, and chunk by chunk
         for batch in [Some(usize::MAX), Some(one_chunk * 7), Some(1), None] {
             let p = read(&data, &id, batch).unwrap();
-            assert!(!p.refused && p.corrupt.is_empty(), "{batch:?}");
-            assert_eq!(p.chunks, 40, "{batch:?}");
+            assert!(!p.refused && p.out.corrupt.is_empty(), "{batch:?}");
+            assert_eq!(p.out.chunks, 40, "{batch:?}");
             assert_eq!(p.sizes.incremental_chunks, 40, "{batch:?}");
-            assert_eq!(p.doc.get_heads(), d.get_heads(), "{batch:?}");
-            assert_eq!(p.doc.length(ROOT), 40);
+            assert_eq!(p.out.doc.get_heads(), d.get_heads(), "{batch:?}");
+            assert_eq!(p.out.doc.length(ROOT), 40);
         }
     }
 }
