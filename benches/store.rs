@@ -244,13 +244,11 @@ async fn load_from_chunks(trace: &SequentialTrace, n: usize) {
             traces::apply_patches(&mut doc, &text, patches).unwrap();
         }
         doc.commit();
-        let (tx, rx) = std::sync::mpsc::channel();
         let op = sheafdb::store::WriteOp::AppendChunk {
             doc: id,
             bytes: doc.save_incremental(),
         };
-        store.write(vec![op], move |r| tx.send(r).unwrap());
-        rx.recv().unwrap().unwrap();
+        store.write_durable(vec![op]).await.unwrap();
         chunks += 1;
     }
     let bytes = doc.save();
