@@ -20,7 +20,7 @@ pub use edits::{random_edit, seed_document};
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use automerge::{ActorId, Automerge, ReadDoc};
+use automerge::{ActorId, Automerge, ChangeHash, ReadDoc};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -99,15 +99,31 @@ impl Default for SimConfig {
 pub struct Disk {
     pub chunks: BTreeMap<DocumentId, Vec<Vec<u8>>>,
     pub sync_states: BTreeMap<(DocumentId, StorageId), Vec<u8>>,
+    /// Every head a chunk on disk was written for: its changes must all be on disk.
+    pub claimed: BTreeMap<DocumentId, BTreeSet<ChangeHash>>,
 }
 
 impl Disk {
+    /// Write one chunk of `doc`, written by the engine as covering `heads`.
+    fn write(&mut self, doc: DocumentId, chunk: Vec<u8>, heads: Vec<ChangeHash>) {
+        self.chunks.entry(doc).or_default().push(chunk);
+        self.claimed.entry(doc).or_default().extend(heads);
+    }
+
     fn load(&self, doc: &DocumentId) -> Option<Loaded> {
         let chunks = self.chunks.get(doc)?;
         let mut am = Automerge::new();
         for c in chunks {
             // A chunk written by the engine always loads; if not, that is a bug to surface.
             am.load_incremental(c).expect("stored chunk must load");
+        }
+        // What the engine said a chunk covers must be on disk: losing it would lose changes
+        // reported as saved (or advertised to peers as the relay's).
+        for h in self.claimed.get(doc).into_iter().flatten() {
+            assert!(
+                am.get_change_by_hash(h).is_some(),
+                "stored chunks of {doc} lack change {h}, which a written chunk claimed"
+            );
         }
         let sync_states = self
             .sync_states
@@ -131,7 +147,7 @@ pub struct Node {
     pub engine: Option<Engine>,
     pub disk: Disk,
     /// Writes waiting for the group commit: (doc, seq, chunk).
-    pending_writes: Vec<(DocumentId, u64, Vec<u8>)>,
+    pending_writes: Vec<(DocumentId, u64, Vec<u8>, Vec<ChangeHash>)>,
     inputs: Vec<Input>,
     /// Documents the app on this node holds handles to.
     pub handles: BTreeMap<DocumentId, SharedDoc>,
@@ -415,8 +431,8 @@ impl Sim {
         // Group commit is atomic per batch and ordered: a prefix of pending writes may
         // have reached the disk before the crash; nothing acknowledged is lost.
         let keep = keep % (n.pending_writes.len() + 1);
-        for (doc, _, chunk) in n.pending_writes.drain(..).take(keep) {
-            n.disk.chunks.entry(doc).or_default().push(chunk);
+        for (doc, _, chunk, heads) in n.pending_writes.drain(..).take(keep) {
+            n.disk.write(doc, chunk, heads);
         }
         let name = n.name.clone();
         self.log(format!(
@@ -467,9 +483,15 @@ impl Sim {
                 self.nodes[node].inputs.push(Input::Loaded { doc, loaded });
             }
             Effect::Persist {
-                doc, seq, chunk, ..
+                doc,
+                seq,
+                chunk,
+                heads,
+                ..
             } => {
-                self.nodes[node].pending_writes.push((doc, seq, chunk));
+                self.nodes[node]
+                    .pending_writes
+                    .push((doc, seq, chunk, heads));
             }
             Effect::SaveSyncState {
                 doc,
@@ -595,8 +617,8 @@ impl Sim {
         if n.engine.is_none() {
             return;
         }
-        for (doc, seq, chunk) in n.pending_writes.drain(..) {
-            n.disk.chunks.entry(doc).or_default().push(chunk);
+        for (doc, seq, chunk, heads) in n.pending_writes.drain(..) {
+            n.disk.write(doc, chunk, heads);
             n.inputs.push(Input::Persisted { doc, seq, ok: true });
         }
     }
