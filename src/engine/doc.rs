@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use automerge::sync::{ChunkList, Message as SyncMessage, State as SyncState, SyncDoc};
-use automerge::{Automerge, ChangeHash};
+use automerge::{Automerge, ChangeHash, ReadDoc};
 
 use crate::id::{DocumentId, PeerId, StorageId};
 use crate::net::ConnId;
@@ -94,8 +94,9 @@ pub(super) struct DocEntry {
     next_seq: u64,
     /// Chunks on their way to disk: seq -> heads once applied.
     in_flight: BTreeMap<u64, Vec<ChangeHash>>,
-    /// The bytes a fresh copy arrived as, with the heads they make (persisted as they are).
-    first_chunk: Option<(Vec<ChangeHash>, Vec<u8>)>,
+    /// Remote changes as they arrived, with the heads they lead to, when they are exactly
+    /// what the next chunk must hold: persisted as they are (see [`Arrived`]).
+    arrived: Option<Arrived>,
     /// Persisted sync state per peer storage, to seed peers that connect.
     sync_states: HashMap<StorageId, Vec<u8>>,
     /// The document changed other than through its handles (remote changes applied, loaded,
@@ -104,6 +105,36 @@ pub(super) struct DocEntry {
     /// The inbox is not applied before this (see [`super::ApplyPacing`]).
     next_apply_at: Millis,
 }
+
+/// Remote changes persisted as the bytes they arrived in.
+///
+/// # Why
+///
+/// Automerge 0.12 keeps no change bytes: `save_after` rebuilds every change it returns from
+/// the op set (`ChangeCollector`), which also works out which changes the heads exclude from
+/// the change graph. A peer receiving a steady stream of small changes paid that per batch:
+/// 21% of the client engines' time in the fan-out bench (K = 64), more than their sync
+/// messages. The bytes that just arrived are those very changes, already validated.
+///
+/// # When they are exactly the new changes
+///
+/// Only when the batch is all that changed since the last chunk: the document's heads before
+/// the apply are the heads already persisted (no unpersisted local edit), and Automerge's
+/// queue of changes waiting for a dependency was empty before and after (a queued change
+/// applied by this batch would be new but not in its bytes; one left queued would be in the
+/// bytes but not in the heads). The heads the batch led to are kept with it: a local edit or
+/// a repair made before the chunk is written changes them, and the chunk is then saved from
+/// the document as before. A batch may repeat changes the note already had (a peer that
+/// reconnected); they are harmless when loaded, and [`MAX_ARRIVED_CHUNK`] bounds what they
+/// can waste until the next compaction.
+#[derive(Debug)]
+struct Arrived {
+    heads: Vec<ChangeHash>,
+    bytes: Vec<u8>,
+}
+
+/// Largest batch of remote changes persisted as it arrived (a fresh copy always is).
+const MAX_ARRIVED_CHUNK: usize = 1 << 20;
 
 /// What a step produced, for the engine to carry out.
 #[derive(Default)]
@@ -127,7 +158,7 @@ fn blank(now: Millis, phase: DocPhase, doc: Automerge) -> DocEntry {
         durable_heads: Vec::new(),
         next_seq: 1,
         in_flight: BTreeMap::new(),
-        first_chunk: None,
+        arrived: None,
         sync_states: HashMap::new(),
         needs_check: false,
     }
@@ -343,6 +374,8 @@ impl DocEntry {
         let mut bad: Vec<ConnId> = rejected;
         let heads_before = doc.get_heads();
         let was_empty = heads_before.is_empty();
+        // Nothing waits for a dependency (cheap to ask when nothing does).
+        let queue_was_empty = doc.get_missing_deps(&[]).is_empty();
         let started = config.cost_clock.as_ref().map(|c| (c.0)());
         // Subscribers to changes get this batch's patches from the apply itself (see
         // `journal`): a diff afterwards would walk the whole note again.
@@ -366,11 +399,25 @@ impl DocEntry {
                 };
             }
         }
+        self.arrived = None;
         if applied {
             if was_empty && bad.is_empty() {
                 // A fresh copy arrived whole: store the bytes as they came instead of
                 // saving the document again (a second full encode of a big note).
-                self.first_chunk = Some((doc.get_heads(), std::mem::take(&mut all)));
+                self.arrived = Some(Arrived {
+                    heads: doc.get_heads(),
+                    bytes: std::mem::take(&mut all),
+                });
+            } else if !was_empty
+                && queue_was_empty
+                && heads_before == self.persist_heads
+                && all.len() <= MAX_ARRIVED_CHUNK
+                && doc.get_missing_deps(&[]).is_empty()
+            {
+                self.arrived = Some(Arrived {
+                    heads: doc.get_heads(),
+                    bytes: std::mem::take(&mut all),
+                });
             }
         } else if !all.is_empty() {
             // Find the culprit(s); whatever is valid is applied (changes are idempotent).
@@ -458,9 +505,9 @@ impl DocEntry {
             return;
         }
         let snapshot = self.persist_heads.is_empty();
-        let first = self.first_chunk.take().filter(|(h, _)| *h == heads);
-        let chunk = if let Some((_, bytes)) = first {
-            bytes
+        let arrived = self.arrived.take().filter(|a| a.heads == heads);
+        let chunk = if let Some(a) = arrived {
+            a.bytes
         } else if snapshot {
             doc.save()
         } else {
