@@ -455,7 +455,7 @@ impl DocEntry {
             // while a write was in flight), and automerge would then take it that the peer
             // knows our new heads, which nobody told it.
             let last_sent = (had_changes || moved).then(|| p.sync.last_sent_heads.clone());
-            let result = doc.receive_sync_message(&mut p.sync, msg);
+            let result = super::receive::receive_applied(&mut doc, &mut p.sync, msg);
             if let Some(last_sent) = last_sent {
                 p.sync.last_sent_heads = last_sent;
             }

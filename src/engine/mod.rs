@@ -53,6 +53,7 @@ mod conn;
 mod dedup;
 mod doc;
 mod journal;
+mod receive;
 mod types;
 
 pub use doc::{DocPhase, PeerSyncStatus};
