@@ -25,6 +25,15 @@
 //! the one clock the engine reads, injected so the simulator can fake it), the document's
 //! inbox waits 2 x T (at most 200 ms) before the next, and a deadline brings it back.
 //!
+//! # Per message, nothing that grows with the history
+//!
+//! Two more automerge 0.12 costs grow with the note's whole history rather than with what a
+//! message carries, and the engine steps around both: `receive_sync_message` walks every
+//! ancestor of the peer's heads (the `receive` module does the bookkeeping without that
+//! walk), and `save_after` rebuilds the changes it returns from the op set (a batch of remote
+//! changes that is exactly what is new since the last chunk is stored as the bytes it arrived
+//! in; see `Arrived` in `doc`).
+//!
 //! # Durability before advertising
 //!
 //! Remote changes are persisted before any sync message advertises heads that include
