@@ -399,21 +399,17 @@ impl DocEntry {
                 };
             }
         }
+        // Store the bytes as they came instead of saving the document again when they are
+        // a fresh copy that arrived whole (a second full encode of a big note), or exactly
+        // what is new since the last chunk (see `Arrived`).
+        let fresh_copy = was_empty && bad.is_empty();
+        let only_new = !was_empty
+            && queue_was_empty
+            && heads_before == self.persist_heads
+            && all.len() <= MAX_ARRIVED_CHUNK;
         self.arrived = None;
         if applied {
-            if was_empty && bad.is_empty() {
-                // A fresh copy arrived whole: store the bytes as they came instead of
-                // saving the document again (a second full encode of a big note).
-                self.arrived = Some(Arrived {
-                    heads: doc.get_heads(),
-                    bytes: std::mem::take(&mut all),
-                });
-            } else if !was_empty
-                && queue_was_empty
-                && heads_before == self.persist_heads
-                && all.len() <= MAX_ARRIVED_CHUNK
-                && doc.get_missing_deps(&[]).is_empty()
-            {
+            if fresh_copy || (only_new && doc.get_missing_deps(&[]).is_empty()) {
                 self.arrived = Some(Arrived {
                     heads: doc.get_heads(),
                     bytes: std::mem::take(&mut all),

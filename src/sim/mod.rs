@@ -146,7 +146,7 @@ pub struct Node {
     storage_id: StorageId,
     pub engine: Option<Engine>,
     pub disk: Disk,
-    /// Writes waiting for the group commit: (doc, seq, chunk).
+    /// Writes waiting for the group commit: (doc, seq, chunk, the heads it covers).
     pending_writes: Vec<(DocumentId, u64, Vec<u8>, Vec<ChangeHash>)>,
     inputs: Vec<Input>,
     /// Documents the app on this node holds handles to.
