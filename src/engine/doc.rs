@@ -440,8 +440,9 @@ impl DocEntry {
             let Some(p) = self.peers.get_mut(&conn) else {
                 continue;
             };
-            // The changes were applied above, so `receive_sync_message` sees a message
-            // without changes whose heads equal ours, and records that we already told the
+            // The changes were applied above, so the receive (`receive_applied`, which does
+            // what automerge's `receive_sync_message` does) sees a message without changes
+            // whose heads equal ours, and records that we already told the
             // peer those heads (`last_sent_heads`): we would then never acknowledge the
             // changes, and the sender would hold everything new for `max_hold_ms`. Keep
             // `last_sent_heads` as automerge does for a message that carries changes.

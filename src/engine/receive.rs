@@ -29,7 +29,7 @@ use automerge::sync::{Capability, Message, MessageFlags, State, SyncDoc};
 use automerge::{Automerge, AutomergeError, ReadDoc};
 
 /// Most hashes sent to a peer kept untrimmed; above this a message takes Automerge's path.
-pub(crate) const TRIM_SENT_AT: usize = 1024;
+const TRIM_SENT_AT: usize = 1024;
 
 /// Receive `msg`, whose changes are already applied to `doc` (or were none), into `state`.
 pub(crate) fn receive_applied(
