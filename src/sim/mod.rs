@@ -875,7 +875,14 @@ impl Sim {
                         self.run_node(node);
                     }
                 }
-                if self.messages_sent == before && self.nodes.iter().all(|n| n.inputs.is_empty()) {
+                // Quiet only if the tick sent nothing and started nothing: a paced apply
+                // that it let go writes a chunk first and sends after.
+                if self.messages_sent == before
+                    && self
+                        .nodes
+                        .iter()
+                        .all(|n| n.inputs.is_empty() && n.pending_writes.is_empty())
+                {
                     return Ok(());
                 }
             }
