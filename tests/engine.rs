@@ -1117,13 +1117,180 @@ fn an_expensive_apply_holds_the_next_one_and_coalesces_what_arrives() {
         "one chunk for both"
     );
     let heads = net.heads(relay, &doc);
-    assert_eq!(
-        heads.as_ref().map(Vec::len),
-        Some(2),
-        "b1 and a2 are both there"
+    let t = text_of(&net, relay, &doc);
+    assert!(
+        t.contains("b1") && t.contains("a2"),
+        "b1 and a2 are both there: {t:?}"
     );
     assert_eq!(net.heads(a, &doc), heads);
     assert_eq!(net.heads(b, &doc), heads);
+}
+
+fn text_of(net: &Net, node: usize, doc: &DocumentId) -> String {
+    let shared = net.nodes[node].engine.document(doc).expect("ready");
+    let d = shared.lock();
+    let t = d.get(ROOT, "text").unwrap().unwrap().1;
+    d.text(&t).unwrap()
+}
+
+/// What a paced relay holds in its inbox reaches the other peers at once, before the relay
+/// applies it: the pause and the apply are not on the path from typist to reader. What the
+/// relay advertises as its heads still waits for its own apply and write (the forward only
+/// tells the sender, through its Bloom filter, that the relay has its change).
+#[test]
+fn a_paced_relay_forwards_what_it_holds_before_applying_it() {
+    let Shared {
+        mut net,
+        relay,
+        a,
+        b,
+        doc,
+        ..
+    } = paced_net(20);
+    net.record = true;
+    type_into(&mut net, a, &doc, "a1 ");
+    type_into(&mut net, b, &doc, "b1 ");
+    assert!(
+        text_of(&net, a, &doc).contains("b1"),
+        "a has b1 while the relay holds it"
+    );
+    assert!(
+        !text_of(&net, relay, &doc).contains("b1"),
+        "held at the relay"
+    );
+    type_into(&mut net, a, &doc, "a2 ");
+    assert!(text_of(&net, b, &doc).contains("a2"), "b has a2 too");
+    assert_ne!(net.heads(relay, &doc), net.heads(b, &doc), "still held");
+    // Nobody was told heads the relay has not applied and stored: every sync message the
+    // relay sent carries heads of its own document.
+    let relay_doc = net.nodes[relay].engine.document(&doc).unwrap();
+    for (_, msg) in net.sent_sync.iter().filter(|(from, _)| *from == relay) {
+        for h in &msg.heads {
+            assert!(
+                relay_doc.lock().get_change_meta_by_hash(h).is_some(),
+                "the relay advertised a head it does not have"
+            );
+        }
+    }
+    let persists = net.nodes[relay].persist_count;
+    net.advance(100);
+    net.settle();
+    assert_eq!(
+        net.nodes[relay].persist_count - persists,
+        1,
+        "one chunk for both"
+    );
+    let heads = net.heads(relay, &doc);
+    assert_eq!(net.heads(a, &doc), heads);
+    assert_eq!(net.heads(b, &doc), heads);
+}
+
+/// A paced peer answers what the relay forwards at once, before its own apply: the relay
+/// then passes on what arrives next without waiting for that apply, and the peer applies
+/// everything that waited in one call when its pause ends.
+#[test]
+fn a_paced_peer_answers_at_once_and_applies_what_waited_in_one_call() {
+    let mut net = Net::new();
+    net.record = true;
+    let mut relay_cfg = relay_config("relay");
+    relay_cfg.cost_clock = Some(fake_cost(20));
+    let relay = net.add(relay_cfg);
+    let a = net.add(peer_config("a"));
+    let mut b_cfg = peer_config("b");
+    b_cfg.cost_clock = Some(fake_cost(20));
+    let b = net.add(b_cfg);
+    net.connect(a, relay);
+    net.connect(b, relay);
+    let doc = DocumentId::random();
+    net.push(
+        a,
+        Input::Create {
+            doc,
+            automerge: note_by(1, "base"),
+        },
+    );
+    net.settle();
+    net.push(b, Input::Find { doc });
+    net.settle();
+    type_into(&mut net, a, &doc, "a1 ");
+    assert!(
+        text_of(&net, b, &doc).contains("a1"),
+        "b's first apply is not held"
+    );
+    // b's next apply waits 40 ms; the relay's too.
+    let sent_by_b = net.sent_sync.iter().filter(|(n, _)| *n == b).count();
+    type_into(&mut net, a, &doc, "a2 ");
+    assert!(
+        !text_of(&net, b, &doc).contains("a2"),
+        "b holds a2 in its paced inbox"
+    );
+    let answers: Vec<&automerge::sync::Message> = net.sent_sync[..]
+        .iter()
+        .filter(|(n, _)| *n == b)
+        .skip(sent_by_b)
+        .map(|(_, m)| m)
+        .collect();
+    assert!(
+        !answers.is_empty(),
+        "b answered the forward before applying it"
+    );
+    assert!(
+        answers
+            .iter()
+            .all(|m| m.changes.is_empty() && !m.have.is_empty()),
+        "an answer carries b's Bloom filter, no changes"
+    );
+    type_into(&mut net, a, &doc, "a3 ");
+    let persists = net.nodes[b].persist_count;
+    net.advance(60);
+    net.settle();
+    let t = text_of(&net, b, &doc);
+    assert!(t.contains("a2") && t.contains("a3"), "{t:?}");
+    assert_eq!(
+        net.nodes[b].persist_count - persists,
+        1,
+        "a2 and a3 were applied and stored together"
+    );
+    assert_eq!(net.heads(a, &doc), net.heads(b, &doc));
+    assert_eq!(net.heads(relay, &doc), net.heads(b, &doc));
+}
+
+/// A peer that takes long to answer a forward (it applies first, as JS automerge-repo does)
+/// gets its next forward only after as long again: it is given time to apply, instead of a
+/// message for every answer.
+#[test]
+fn a_slow_answer_spaces_the_next_forward() {
+    let Shared {
+        mut net,
+        relay,
+        a,
+        b,
+        doc,
+        ..
+    } = paced_net(20);
+    type_into(&mut net, a, &doc, "a1 ");
+    // The relay is paced now: a2 is forwarded to b, whose answer takes 30 ms.
+    edit(&net, a, &doc, "a2 ");
+    net.push(a, Input::LocalChange { doc });
+    for _ in 0..4 {
+        net.run_node(a);
+        net.run_node(relay);
+        net.deliver_all();
+    }
+    net.advance(30);
+    net.settle();
+    assert!(text_of(&net, b, &doc).contains("a2"));
+    type_into(&mut net, a, &doc, "a3 ");
+    assert!(
+        !text_of(&net, b, &doc).contains("a3"),
+        "b answered 30 ms after the forward: nothing for 30 ms"
+    );
+    net.advance(30);
+    net.settle();
+    assert!(
+        text_of(&net, b, &doc).contains("a3"),
+        "forwarded once the pause ended"
+    );
 }
 
 /// Cheap applies (below `ApplyPacing::min_cost_us`, as on a short note) are never held.

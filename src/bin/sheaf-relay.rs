@@ -109,9 +109,10 @@ struct Args {
     /// Cache size for sled, in MiB.
     #[arg(long, env = "SHEAF_CACHE_MIB", default_value_t = 64)]
     cache_mib: u64,
-    /// After applying remote changes to a document took T (when T is over 3 ms: a long
+    /// After applying remote changes to a document took T (when T is over 20 ms: a long
     /// text), apply nothing more to it for FACTOR x T, so what arrives meanwhile is applied
-    /// in one call. 0 turns pacing off.
+    /// in one call (it is passed on to the other peers at once all the same). 0 turns
+    /// pacing off.
     #[arg(long, env = "SHEAF_APPLY_PACING", default_value_t = ApplyPacing::default().factor)]
     apply_pacing: u64,
     /// The longest pause apply pacing makes, in milliseconds.

@@ -42,6 +42,8 @@ pub(super) struct Inbound {
     pub conn: ConnId,
     pub data: Vec<u8>,
     pub request: bool,
+    /// Its changes were collected for forwarding (see `forward`).
+    pub looked_at: bool,
 }
 
 pub(super) struct PeerDoc {
@@ -57,6 +59,19 @@ pub(super) struct PeerDoc {
     /// We told the peer `doc-unavailable` (once).
     pub told_unavailable: bool,
     pub status: PeerSyncStatus,
+    /// Changes of this peer wait in the inbox and it was not told we have them yet (see
+    /// `forward`).
+    pub owes_ack: bool,
+    /// The peer holds what it has new until we answer its last changes, as sheaf peers do:
+    /// only such a peer is answered early (see `forward`). Cleared when it sends changes
+    /// twice without an answer in between.
+    pub holds: bool,
+    /// It sent changes and we have not sent it anything since.
+    pub unanswered: bool,
+    /// When we last forwarded this peer changes, until it answers (see `forward`).
+    pub forwarded_at: Option<Millis>,
+    /// No forward to this peer before this (see `forward`); `Millis(0)`: none pending.
+    pub forward_after: Millis,
     storage: Option<StorageId>,
     saved_shared_heads: Vec<ChangeHash>,
 }
@@ -72,6 +87,11 @@ impl PeerDoc {
             asked: false,
             told_unavailable: false,
             status: PeerSyncStatus::Syncing,
+            owes_ack: false,
+            holds: true,
+            unanswered: false,
+            forwarded_at: None,
+            forward_after: Millis(0),
             storage,
             saved_shared_heads: saved,
         }
@@ -83,6 +103,8 @@ pub(super) struct DocEntry {
     pub doc: SharedDoc,
     pub peers: BTreeMap<ConnId, PeerDoc>,
     pub inbox: Vec<Inbound>,
+    /// The inbox's changes, parsed for forwarding before they are applied (see `forward`).
+    pub held: Vec<super::forward::HeldChange>,
     /// A local handle asked for this document.
     pub local_want: bool,
     pub requesting_since: Millis,
@@ -103,7 +125,7 @@ pub(super) struct DocEntry {
     /// created): check the schema's invariants in this step.
     needs_check: bool,
     /// The inbox is not applied before this (see [`super::ApplyPacing`]).
-    next_apply_at: Millis,
+    pub(super) next_apply_at: Millis,
 }
 
 /// Remote changes persisted as the bytes they arrived in.
@@ -150,6 +172,7 @@ fn blank(now: Millis, phase: DocPhase, doc: Automerge) -> DocEntry {
         doc: super::shared(doc),
         peers: BTreeMap::new(),
         inbox: Vec::new(),
+        held: Vec::new(),
         next_apply_at: Millis(0),
         local_want: false,
         requesting_since: now,
@@ -261,6 +284,13 @@ impl DocEntry {
                 at(s.plus(config.max_hold_ms));
             }
         }
+        // Held changes for a peer whose forwards are paced (see `forward`).
+        for (conn, p) in &self.peers {
+            if p.forward_after.0 > 0 && p.awaiting_since.is_none() && self.forward_pending(*conn, p)
+            {
+                at(p.forward_after);
+            }
+        }
         // A paced inbox. (While a chunk is in flight, `Persisted` steps the document.)
         if !self.inbox.is_empty() && self.phase != DocPhase::Loading && !self.gated(config) {
             at(self.next_apply_at);
@@ -301,6 +331,8 @@ impl DocEntry {
         if !self.gated(config) {
             self.send(now, id, config, peer_ids, out);
         }
+        // What the pacing or a write in flight still holds goes to the other peers now.
+        self.forward_held(now, id, config, peer_ids, out);
         self.report(id, peer_ids, out);
         self.check_evict(now, config, out);
     }
@@ -318,6 +350,11 @@ impl DocEntry {
             return;
         }
         let inbox = std::mem::take(&mut self.inbox);
+        // Applied now: what was forwarded is acknowledged by the heads sent after this.
+        self.held.clear();
+        for p in self.peers.values_mut() {
+            p.owes_ack = false;
+        }
         let mut decoded: Vec<(ConnId, SyncMessage)> = Vec::with_capacity(inbox.len());
         for m in inbox {
             if !self.peers.contains_key(&m.conn) {
@@ -600,6 +637,7 @@ impl DocEntry {
             if !msg.changes.is_empty() {
                 p.awaiting_since = Some(now);
             }
+            p.unanswered = false;
             let data = msg.encode();
             let msg = if empty {
                 Message::Request {

@@ -20,10 +20,12 @@
 //!
 //! Batches alone only coalesce what arrives *while* the engine is busy. On a relay, where
 //! each typist's keystrokes arrive as their own messages, a long note would still cost a
-//! whole apply per message, and one core per hot note. So a relay paces expensive applies
+//! whole apply per message, and one core per hot note. So engines pace expensive applies
 //! ([`ApplyPacing`]): after an apply that took T (measured with [`EngineConfig::cost_clock`],
 //! the one clock the engine reads, injected so the simulator can fake it), the document's
-//! inbox waits 2 x T (at most 200 ms) before the next, and a deadline brings it back.
+//! inbox waits 2 x T (at most 200 ms) before the next, and a deadline brings it back. What
+//! waits is passed on to the other peers at once and its senders are answered (the
+//! `forward` module), so the pause is not on the path from a typist to a reader.
 //!
 //! # Per message, nothing that grows with the history
 //!
@@ -61,6 +63,7 @@
 mod conn;
 mod dedup;
 mod doc;
+mod forward;
 mod journal;
 mod receive;
 mod types;
@@ -288,6 +291,7 @@ impl Engine {
                     }
                 }
                 d.inbox.retain(|m| m.conn != conn);
+                d.held.retain(|h| h.from != conn);
                 self.touched.insert(doc);
             }
         }
@@ -527,11 +531,17 @@ impl Engine {
                 p.they_requested = true;
             }
             p.awaiting_since = None;
+            if let Some(at) = p.forwarded_at.take() {
+                // A peer that took long to answer was busy applying: give it as long again.
+                let took = now.saturating_sub(at).min(forward::MAX_FORWARD_PAUSE_MS);
+                p.forward_after = now.plus(took);
+            }
         }
         d.inbox.push(doc::Inbound {
             conn,
             data,
             request,
+            looked_at: false,
         });
         self.touched.insert(id);
     }

@@ -73,6 +73,11 @@ pub struct EngineConfig {
     pub cost_clock: Option<CostClock>,
     /// How a document whose remote applies are expensive is kept from taking a core.
     pub apply_pacing: ApplyPacing,
+    /// Changes waiting in a paced inbox ([`ApplyPacing`]) are passed on to the other peers
+    /// at once, and their senders told we have them (see `engine::forward`). On by
+    /// default; for a peer with one relay that is only the answer that lets the relay send
+    /// what arrives next.
+    pub forward_held: bool,
 }
 
 /// A monotonic clock in microseconds, used only to measure what an apply cost (time is
@@ -100,15 +105,21 @@ impl CostClock {
 /// applied in one call per step, but when messages keep arriving one at a time, every one
 /// would still cost a whole apply. So after an apply that took `cost`, the document's next
 /// apply waits until `factor * cost` more has passed (capped at `max_ms`): the inbox fills
-/// meanwhile and is applied in one call, one core is never spent on one note, and a
-/// document whose applies are cheap (below `min_cost_us`) is never held at all.
+/// meanwhile and is applied in one call, and a document whose applies cost less than
+/// `min_cost_us` is never held at all.
 ///
-/// Relays pace (the default); peers do not ([`ApplyPacing::off`]). A peer behind a relay gets
-/// at most one message per relay apply anyway, and a peer that also paced would answer the
-/// relay later, and the relay holds what is new for a peer until it answers
-/// ([`EngineConfig::max_hold_ms`]): the two pauses add up. Measured on the long-note bench
-/// (K = 4 typists): pacing in the relay only took p50/p99 from 408/778 ms to 266/555 ms;
-/// pacing in the clients too gave 427/803 ms.
+/// What waits in a paced inbox is not held from anyone (see
+/// [`EngineConfig::forward_held`]): a relay passes it on to the other peers at once, and
+/// every engine tells the sender it has it, so the pause is not on the path from a typist
+/// to a reader. So peers pace too: their applies are what a reader waits for, and a peer
+/// that applies less often leaves more of the machine to the others.
+///
+/// Measured on the long-note bench (K = 4 typists, this machine, runs interleaved with the
+/// previous build), p50/p99: 395-464 / 851-994 ms with only relays pacing and nothing
+/// forwarded; 307-389 / 653-814 ms with forwarding and peers pacing. The threshold is
+/// 20 ms (it was 3 ms while only relays paced): the fan-out bench's applies (a map, a few
+/// to 20 ms at K = 64) are better left unpaced, and its figures stayed within their
+/// run-to-run spread (K = 64 p50 1.9-3.5 s before, 2.0-3.7 s after).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ApplyPacing {
     pub factor: u64,
@@ -121,7 +132,7 @@ impl Default for ApplyPacing {
         Self {
             factor: 2,
             max_ms: 200,
-            min_cost_us: 3_000,
+            min_cost_us: 20_000,
         }
     }
 }
@@ -162,15 +173,15 @@ impl EngineConfig {
             repair_actor: None,
             clock_offset_ms: 0,
             cost_clock: None,
-            apply_pacing: ApplyPacing::off(),
+            apply_pacing: ApplyPacing::default(),
+            forward_held: true,
         }
     }
 
-    /// Defaults for a relay (never announces; paces applies on expensive documents).
+    /// Defaults for a relay (never announces).
     pub fn relay(peer_id: PeerId, storage_id: Option<StorageId>) -> Self {
         Self {
             announce: false,
-            apply_pacing: ApplyPacing::default(),
             ..Self::peer(peer_id, storage_id)
         }
     }

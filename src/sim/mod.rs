@@ -178,12 +178,23 @@ impl Node {
             EngineConfig::peer(self.peer_id.clone(), Some(self.storage_id.clone()))
         };
         cfg.schema = self.schema.clone();
+        // Every apply seems to take `SIM_APPLY_MS`, so engines pace their applies (see
+        // `ApplyPacing`) and forward what they hold meanwhile: both paths run in every
+        // simulation, deterministically (the clock is a counter, not the wall).
+        let t = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        cfg.cost_clock = Some(crate::engine::CostClock(std::sync::Arc::new(move || {
+            t.fetch_add(SIM_APPLY_MS * 1000, std::sync::atomic::Ordering::Relaxed)
+        })));
         // Repairs are made as this incarnation's actor, like its edits: deterministic, and
         // never a sequence number a lost write of an earlier incarnation already used.
         cfg.repair_actor = Some(self.actor());
         Engine::new(cfg)
     }
 }
+
+/// What every apply seems to cost in the simulator: enough for pacing (which then holds
+/// the next apply for twice this).
+const SIM_APPLY_MS: u64 = 25;
 
 /// A simulated connection between `client` (dialer) and `server`.
 struct Link {

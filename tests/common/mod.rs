@@ -85,6 +85,8 @@ pub struct Net {
     /// When set, every frame sent is recorded in `sent` as (sender node, type, doc, bytes).
     pub record: bool,
     pub sent: Vec<(usize, &'static str, Option<DocumentId>, usize)>,
+    /// With `record`, every sync message sent, decoded, with its sender node.
+    pub sent_sync: Vec<(usize, automerge::sync::Message)>,
 }
 
 pub fn peer_config(name: &str) -> EngineConfig {
@@ -289,6 +291,11 @@ impl Net {
         if self.record {
             self.sent
                 .push((node, msg.type_name(), msg.document_id(), bytes.len()));
+            if let Message::Sync { data, .. } | Message::Request { data, .. } = msg {
+                if let Ok(m) = automerge::sync::Message::decode(data) {
+                    self.sent_sync.push((node, m));
+                }
+            }
         }
         if l.a == node {
             l.to_b.push_back(bytes);
