@@ -331,7 +331,7 @@ impl DocEntry {
         if !self.gated(config) {
             self.send(now, id, config, peer_ids, out);
         }
-        // What the pacing or a write in flight still holds goes to the other peers now.
+        // What a paced inbox holds goes to the other peers now (see `forward`).
         self.forward_held(now, id, config, peer_ids, out);
         self.report(id, peer_ids, out);
         self.check_evict(now, config, out);
@@ -770,25 +770,39 @@ fn bad_bloom(msg: &SyncMessage) -> Option<String> {
     None
 }
 
-/// Why an entry of a sync message's `changes` holds a damaged change, if it does. An entry
-/// is one or more storage chunks back to back; each starts with the magic bytes, a 4-byte
-/// checksum, the chunk type (0 = document, 1 = change, 2 = compressed change) and the
-/// body length (LEB128). Change chunks are parsed, which checks the checksum; document
-/// chunks (sent once to a fresh peer) are left to the loader.
+/// Why an entry of a sync message's `changes` holds a damaged change, if it does. Change
+/// chunks are parsed, which checks the checksum; document chunks (sent once to a fresh
+/// peer) are left to the loader.
 fn damaged_change(entry: &[u8]) -> Option<String> {
+    match storage_chunks(entry) {
+        Err(why) => Some(why.into()),
+        Ok(chunks) => chunks.into_iter().find_map(|c| {
+            (c[8] != 0)
+                .then(|| automerge::Change::try_from(c).err().map(|e| e.to_string()))
+                .flatten()
+        }),
+    }
+}
+
+/// Splits an entry of a sync message's `changes` into its storage chunks, headers included.
+/// An entry is one or more chunks back to back; each starts with the magic bytes, a 4-byte
+/// checksum, the chunk type (0 = document, 1 = change, 2 = compressed change; byte 8 of
+/// each returned slice) and the body length (LEB128). Checks the framing only.
+pub(super) fn storage_chunks(entry: &[u8]) -> Result<Vec<&[u8]>, &'static str> {
     const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+    let mut chunks = Vec::new();
     let mut rest = entry;
     while !rest.is_empty() {
         if rest.len() < 10 || rest[..4] != MAGIC {
-            return Some("a chunk without the automerge magic bytes".into());
+            return Err("a chunk without the automerge magic bytes");
         }
         let (mut len, mut shift, mut i) = (0u64, 0u32, 9usize);
         loop {
             let Some(b) = rest.get(i) else {
-                return Some("a truncated chunk header".into());
+                return Err("a truncated chunk header");
             };
             if shift > 56 {
-                return Some("a chunk length out of range".into());
+                return Err("a chunk length out of range");
             }
             len |= u64::from(b & 0x7f) << shift;
             shift += 7;
@@ -799,14 +813,10 @@ fn damaged_change(entry: &[u8]) -> Option<String> {
         }
         let end = match usize::try_from(len).ok().and_then(|l| l.checked_add(i)) {
             Some(end) if end <= rest.len() => end,
-            _ => return Some("a truncated chunk".into()),
+            _ => return Err("a truncated chunk"),
         };
-        if rest[8] != 0 {
-            if let Err(e) = automerge::Change::try_from(&rest[..end]) {
-                return Some(e.to_string());
-            }
-        }
+        chunks.push(&rest[..end]);
         rest = &rest[end..];
     }
-    None
+    Ok(chunks)
 }

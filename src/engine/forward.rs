@@ -254,40 +254,20 @@ fn has_change(doc: &automerge::Automerge, hash: &ChangeHash) -> bool {
     doc.get_change_meta_by_hash(hash).is_some()
 }
 
-/// Splits a `changes` entry (one or more storage chunks back to back) into its change
-/// chunks, each parsed (which checks its hash). `false` if the entry holds anything else:
-/// a document chunk, or bytes that do not parse.
+/// Splits a `changes` entry into its change chunks, each parsed (which checks its hash).
+/// `false` if the entry holds anything else: a document chunk, or bytes that do not parse.
 fn split_changes(entry: &[u8], out: &mut Vec<(ChangeHash, Vec<u8>)>) -> bool {
-    const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
-    let mut rest = entry;
-    while !rest.is_empty() {
-        if rest.len() < 10 || rest[..4] != MAGIC || !matches!(rest[8], 1 | 2) {
+    let Ok(chunks) = super::doc::storage_chunks(entry) else {
+        return false;
+    };
+    for c in chunks {
+        if !matches!(c[8], 1 | 2) {
             return false;
         }
-        let (mut len, mut shift, mut i) = (0u64, 0u32, 9usize);
-        loop {
-            let Some(b) = rest.get(i) else {
-                return false;
-            };
-            if shift > 56 {
-                return false;
-            }
-            len |= u64::from(b & 0x7f) << shift;
-            shift += 7;
-            i += 1;
-            if b & 0x80 == 0 {
-                break;
-            }
-        }
-        let end = match usize::try_from(len).ok().and_then(|l| l.checked_add(i)) {
-            Some(end) if end <= rest.len() => end,
-            _ => return false,
-        };
-        match Change::try_from(&rest[..end]) {
-            Ok(c) => out.push((c.hash(), rest[..end].to_vec())),
+        match Change::try_from(c) {
+            Ok(change) => out.push((change.hash(), c.to_vec())),
             Err(_) => return false,
         }
-        rest = &rest[end..];
     }
     true
 }
