@@ -27,7 +27,7 @@
 //! again on that connection. Measured on the long-note bench with four JS typists, answering
 //! them all slowed their typing (441-561 edits instead of 700) and took p50/p99 from
 //! 796-961 / 1,251-1,686 ms to 951-1,215 / 1,565-3,196 ms; without those answers,
-//! 651-838 / 1,345-1,862 ms.
+//! 651-1,246 / 1,345-2,225 ms (a noisy row: the four node processes fill both cores).
 //!
 //! # Pacing per peer
 //!

@@ -116,7 +116,7 @@ impl CostClock {
 ///
 /// Measured on the long-note bench (K = 4 typists, this machine, runs interleaved with the
 /// previous build), p50/p99: 395-464 / 851-994 ms with only relays pacing and nothing
-/// forwarded; 307-389 / 653-814 ms with forwarding and peers pacing. The threshold is
+/// forwarded; 307-415 / 653-814 ms with forwarding and peers pacing. The threshold is
 /// 20 ms (it was 3 ms while only relays paced): the fan-out bench's applies (a map, a few
 /// to 20 ms at K = 64) are better left unpaced, and its figures stayed within their
 /// run-to-run spread (K = 64 p50 1.9-3.5 s before, 2.0-3.7 s after).
