@@ -510,6 +510,63 @@ fn corrupt_change_bytes_close_only_that_connection() {
     assert_eq!(peers, vec![relay_b]);
 }
 
+/// Automerge can also carry changes as a bundle chunk (`Automerge::bundle`); a peer that
+/// sends one is applied, not taken for a peer sending damaged changes.
+#[test]
+fn a_bundle_of_changes_is_applied() {
+    let Shared {
+        mut net,
+        relay,
+        a,
+        relay_a,
+        doc,
+        ..
+    } = shared_note(relay_config("relay"));
+    let mut other = net.nodes[a].engine.document(&doc).unwrap().lock().clone();
+    other.set_actor(ActorId::from(vec![9; 16]));
+    let t = other.get(ROOT, "text").unwrap().unwrap().1;
+    for s in ["one ", "two "] {
+        let mut tx = other.transaction();
+        tx.splice_text(&t, 0, 0, s).unwrap();
+        tx.commit();
+    }
+    let known = net.heads(relay, &doc).unwrap();
+    let new: Vec<_> = other.get_changes(&known).iter().map(|c| c.hash()).collect();
+    assert_eq!(new.len(), 2);
+    let bundle = other.bundle(new).unwrap().bytes().to_vec();
+    assert_eq!(bundle[8], 3, "a bundle chunk");
+    let msg = SyncMessage {
+        heads: other.get_heads(),
+        need: Vec::new(),
+        have: Vec::new(),
+        changes: ChunkList::from(vec![bundle]),
+        flags: None,
+        version: automerge::sync::MessageVersion::V1,
+    };
+    net.push(
+        relay,
+        Input::Received {
+            conn: relay_a,
+            msg: Message::Sync {
+                sender_id: PeerId::new("a"),
+                target_id: PeerId::new("relay"),
+                document_id: doc,
+                data: msg.encode(),
+            },
+        },
+    );
+    net.run_node(relay);
+    let closed: Vec<&String> = net.nodes[relay]
+        .log
+        .iter()
+        .filter(|l| l.starts_with("close"))
+        .collect();
+    assert!(closed.is_empty(), "{closed:?}");
+    assert_eq!(net.heads(relay, &doc), Some(other.get_heads()));
+    net.settle();
+    assert_eq!(text_of(&net, a, &doc), text_of(&net, relay, &doc));
+}
+
 /// A Bloom filter that claims entries but carries no bits decodes fine, but Automerge
 /// divides by zero the next time it looks a hash up in it (found by the `sync_message` fuzz
 /// target). Such a message, and one whose filter asks for billions of probes, closes only
@@ -900,6 +957,47 @@ fn persisted_chunks_reload_to_the_heads_also_after_a_change_waited_for_its_depen
         relay_heads,
         "what was written reloads to the same heads"
     );
+}
+
+/// A peer that edits while it receives: its edit is in the note but not yet stepped (the
+/// handle committed it, the driver has not run) when a remote change is applied. One chunk
+/// holds both, and the chunks reload to the peer's heads.
+#[test]
+fn an_edit_not_yet_stepped_and_a_remote_change_persist_as_one_chunk_that_reloads() {
+    let mut net = Net::new();
+    let a = net.add(peer_config("a"));
+    let b = net.add(peer_config("b"));
+    net.connect(a, b);
+    let doc = DocumentId::random();
+    net.push(
+        a,
+        Input::Create {
+            doc,
+            automerge: note("base"),
+        },
+    );
+    net.settle();
+    net.push(b, Input::Find { doc });
+    net.settle();
+    edit(&net, a, &doc, "A");
+    net.push(a, Input::LocalChange { doc });
+    while net.run_node(a) {}
+    net.deliver_all();
+    edit(&net, b, &doc, "B");
+    let before = net.nodes[b].persist_count;
+    net.run_node(b);
+    assert_eq!(net.nodes[b].persist_count - before, 1, "one chunk");
+    let heads = net.heads(b, &doc).unwrap();
+    assert_eq!(heads.len(), 2, "b's edit and a's, concurrent");
+    let mut reloaded = Automerge::new();
+    for c in &net.nodes[b].chunks[&doc] {
+        reloaded.load_incremental(c).unwrap();
+    }
+    assert_eq!(reloaded.get_heads(), heads);
+    assert!(reloaded.get_missing_deps(&[]).is_empty());
+    net.push(b, Input::LocalChange { doc });
+    net.settle();
+    assert_eq!(net.heads(a, &doc), Some(heads));
 }
 
 // ---- invariants ---------------------------------------------------------------------------

@@ -13,7 +13,8 @@
 //! whole text, however few changes it carries (`shared/NOTES.md` section 2). So
 //! [`Engine::handle_batch`] first only *routes* every input (sync messages are queued in
 //! their document's inbox), then runs one step per touched document: all queued changes
-//! are applied with one `load_incremental`, each message's sync-state bookkeeping runs
+//! are applied in one call (`apply_changes`, with the changes as parsed by the check that
+//! rejects damaged ones), each message's sync-state bookkeeping runs
 //! without its changes, the new changes become one storage chunk, and each peer gets at
 //! most one message with everything new. A runtime that drains its whole input queue into
 //! one batch gets coalescing for free, and under load the batches grow.
@@ -33,8 +34,8 @@
 //! message carries, and the engine steps around both: `receive_sync_message` walks every
 //! ancestor of the peer's heads (the `receive` module does the bookkeeping without that
 //! walk), and `save_after` rebuilds the changes it returns from the op set (a batch of remote
-//! changes that is exactly what is new since the last chunk is stored as the bytes it arrived
-//! in; see `Arrived` in `doc`).
+//! changes is stored as the bytes it arrived in, behind whatever local edits came before it;
+//! see `Arrived` in `doc`).
 //!
 //! # Durability before advertising
 //!
