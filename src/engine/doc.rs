@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use automerge::sync::{ChunkList, Message as SyncMessage, State as SyncState, SyncDoc};
+use automerge::sync::{ChunkList, Message as SyncMessage, State as SyncState};
 use automerge::{Automerge, ChangeHash, ReadDoc};
 
 use crate::id::{DocumentId, PeerId, StorageId};
@@ -398,13 +398,15 @@ impl DocEntry {
             }
             // Every change is checked before anything is applied (see `parse_entry`).
             let start = parsed.len();
-            let damaged = changes.iter().find_map(|entry| match parse_entry(entry, &mut parsed) {
-                Ok(all) => {
-                    all_parsed &= all;
-                    None
-                }
-                Err(why) => Some(why),
-            });
+            let damaged = changes
+                .iter()
+                .find_map(|entry| match parse_entry(entry, &mut parsed) {
+                    Ok(all) => {
+                        all_parsed &= all;
+                        None
+                    }
+                    Err(why) => Some(why),
+                });
             if let Some(reason) = damaged {
                 parsed.truncate(start);
                 let error = EngineError::BadChanges { doc: id, reason };
@@ -663,7 +665,7 @@ impl DocEntry {
                 }
                 p.awaiting_since = None;
             }
-            let Some(msg) = doc.generate_sync_message(&mut p.sync) else {
+            let Some(msg) = super::basis::generate(&doc, &mut p.sync) else {
                 continue;
             };
             if !msg.changes.is_empty() {

@@ -73,6 +73,7 @@ use crate::id::{DocumentId, PeerId};
 use crate::net::ConnId;
 use crate::protocol::Message;
 
+use super::basis::has_change;
 use super::doc::{DocEntry, DocPhase, StepOutput};
 use super::types::{Effect, EngineConfig, Millis};
 
@@ -247,11 +248,6 @@ impl DocEntry {
             }
         }
     }
-}
-
-/// Whether the document has applied the change (`Automerge::has_change` is not public).
-fn has_change(doc: &automerge::Automerge, hash: &ChangeHash) -> bool {
-    doc.get_change_meta_by_hash(hash).is_some()
 }
 
 /// Splits a `changes` entry into its change chunks, each parsed (which checks its hash).

@@ -37,6 +37,14 @@
 //! changes is stored as the bytes it arrived in, behind whatever local edits came before it;
 //! see `Arrived` in `doc`).
 //!
+//! # What goes to a peer
+//!
+//! Automerge picks the changes for a peer with the peer's Bloom filter, which hides about 1
+//! change in 100 that the peer lacks, and sends a peer that lacks a third of the note the
+//! whole document, which the peer then takes apart again. When we know every head the
+//! peer sent, the `basis` module sends exactly what those heads lack instead, and a peer
+//! that has the note always gets changes (see there for the numbers).
+//!
 //! # Durability before advertising
 //!
 //! Remote changes are persisted before any sync message advertises heads that include
@@ -61,6 +69,7 @@
 //! into the same storage chunk as the remote changes and out to peers like any local change.
 //! Each attempt is reported as [`Event::Repair`].
 
+mod basis;
 mod conn;
 mod dedup;
 mod doc;
