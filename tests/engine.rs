@@ -440,6 +440,45 @@ fn shared_note_from(relay: sheafdb::engine::EngineConfig, base: Automerge) -> Sh
 
 // ---- corrupt changes ------------------------------------------------------------------
 
+/// The relay of [`shared_note`] receives from `a` a sync message carrying `changes` with
+/// `heads`, and runs once; returns what it logged about closing connections.
+fn relay_gets_changes_from_a(
+    net: &mut Net,
+    relay: usize,
+    relay_a: ConnId,
+    doc: DocumentId,
+    heads: Vec<automerge::ChangeHash>,
+    changes: Vec<Vec<u8>>,
+) -> Vec<String> {
+    let msg = SyncMessage {
+        heads,
+        need: Vec::new(),
+        have: Vec::new(),
+        changes: ChunkList::from(changes),
+        flags: None,
+        version: automerge::sync::MessageVersion::V1,
+    };
+    net.push(
+        relay,
+        Input::Received {
+            conn: relay_a,
+            msg: Message::Sync {
+                sender_id: PeerId::new("a"),
+                target_id: PeerId::new("relay"),
+                document_id: doc,
+                data: msg.encode(),
+            },
+        },
+    );
+    net.run_node(relay);
+    net.nodes[relay]
+        .log
+        .iter()
+        .filter(|l| l.starts_with("close"))
+        .cloned()
+        .collect()
+}
+
 #[test]
 fn corrupt_change_bytes_close_only_that_connection() {
     let Shared {
@@ -463,33 +502,15 @@ fn corrupt_change_bytes_close_only_that_connection() {
     for byte in &mut bytes[n / 2..] {
         *byte ^= 0x5a;
     }
-    let msg = SyncMessage {
-        heads: other.get_heads(),
-        need: Vec::new(),
-        have: Vec::new(),
-        changes: ChunkList::from(vec![bytes]),
-        flags: None,
-        version: automerge::sync::MessageVersion::V1,
-    };
     let before = net.heads(relay, &doc);
-    net.push(
+    let closed = relay_gets_changes_from_a(
+        &mut net,
         relay,
-        Input::Received {
-            conn: relay_a,
-            msg: Message::Sync {
-                sender_id: PeerId::new("a"),
-                target_id: PeerId::new("relay"),
-                document_id: doc,
-                data: msg.encode(),
-            },
-        },
+        relay_a,
+        doc,
+        other.get_heads(),
+        vec![bytes],
     );
-    net.run_node(relay);
-    let closed: Vec<&String> = net.nodes[relay]
-        .log
-        .iter()
-        .filter(|l| l.starts_with("close"))
-        .collect();
     assert_eq!(closed.len(), 1, "{closed:?}");
     assert!(closed[0].contains(&format!("{relay_a:?}")));
     assert!(has_event(
@@ -535,32 +556,14 @@ fn a_bundle_of_changes_is_applied() {
     assert_eq!(new.len(), 2);
     let bundle = other.bundle(new).unwrap().bytes().to_vec();
     assert_eq!(bundle[8], 3, "a bundle chunk");
-    let msg = SyncMessage {
-        heads: other.get_heads(),
-        need: Vec::new(),
-        have: Vec::new(),
-        changes: ChunkList::from(vec![bundle]),
-        flags: None,
-        version: automerge::sync::MessageVersion::V1,
-    };
-    net.push(
+    let closed = relay_gets_changes_from_a(
+        &mut net,
         relay,
-        Input::Received {
-            conn: relay_a,
-            msg: Message::Sync {
-                sender_id: PeerId::new("a"),
-                target_id: PeerId::new("relay"),
-                document_id: doc,
-                data: msg.encode(),
-            },
-        },
+        relay_a,
+        doc,
+        other.get_heads(),
+        vec![bundle],
     );
-    net.run_node(relay);
-    let closed: Vec<&String> = net.nodes[relay]
-        .log
-        .iter()
-        .filter(|l| l.starts_with("close"))
-        .collect();
     assert!(closed.is_empty(), "{closed:?}");
     assert_eq!(net.heads(relay, &doc), Some(other.get_heads()));
     net.settle();
