@@ -823,16 +823,29 @@ fn parse_entry(entry: &[u8], out: &mut Vec<automerge::Change>) -> Result<bool, S
     for c in chunks {
         match c[8] {
             0 | 3 => all_changes = false,
-            _ => match automerge::Change::try_from(c) {
+            _ => match parse_change(c) {
                 Ok(change) => out.push(change),
                 Err(e) => {
                     out.truncate(start);
-                    return Err(e.to_string());
+                    return Err(e);
                 }
             },
         }
     }
     Ok(all_changes)
+}
+
+/// Parses one change chunk (plain or compressed), checksum included: the header's checksum
+/// is the first 4 bytes of the change's hash, which `Change::try_from` does not compare
+/// (`load_incremental` does, and skips a chunk that fails). A change with a wrong checksum
+/// must not reach `apply_changes`, nor another peer: the fuzzer found one (a byte changed
+/// in a valid change) that names an actor the note lacks, and Automerge panics on that.
+pub(super) fn parse_change(chunk: &[u8]) -> Result<automerge::Change, String> {
+    let change = automerge::Change::try_from(chunk).map_err(|e| e.to_string())?;
+    if chunk.get(4..8) != Some(&change.hash().0[..4]) {
+        return Err("a change whose checksum does not match its bytes".into());
+    }
+    Ok(change)
 }
 
 /// Splits an entry of a sync message's `changes` into its storage chunks, headers included.

@@ -67,7 +67,7 @@
 use std::collections::{HashMap, HashSet};
 
 use automerge::sync::{BloomFilter, ChunkList, Have, Message as SyncMessage, MessageFlags};
-use automerge::{Change, ChangeHash};
+use automerge::ChangeHash;
 
 use crate::id::{DocumentId, PeerId};
 use crate::net::ConnId;
@@ -260,7 +260,7 @@ fn split_changes(entry: &[u8], out: &mut Vec<(ChangeHash, Vec<u8>)>) -> bool {
         if !matches!(c[8], 1 | 2) {
             return false;
         }
-        match Change::try_from(c) {
+        match super::doc::parse_change(c) {
             Ok(change) => out.push((change.hash(), c.to_vec())),
             Err(_) => return false,
         }
