@@ -440,6 +440,28 @@ fn shared_note_from(relay: sheafdb::engine::EngineConfig, base: Automerge) -> Sh
 
 // ---- corrupt changes ------------------------------------------------------------------
 
+/// Queue `msg` at the relay of [`shared_note`] as a sync message from `a`.
+fn push_sync_from_a(
+    net: &mut Net,
+    relay: usize,
+    relay_a: ConnId,
+    doc: DocumentId,
+    msg: SyncMessage,
+) {
+    net.push(
+        relay,
+        Input::Received {
+            conn: relay_a,
+            msg: Message::Sync {
+                sender_id: PeerId::new("a"),
+                target_id: PeerId::new("relay"),
+                document_id: doc,
+                data: msg.encode(),
+            },
+        },
+    );
+}
+
 /// The relay of [`shared_note`] receives from `a` a sync message carrying `changes` with
 /// `heads`, and runs once; returns what it logged about closing connections.
 fn relay_gets_changes_from_a(
@@ -458,18 +480,7 @@ fn relay_gets_changes_from_a(
         flags: None,
         version: automerge::sync::MessageVersion::V1,
     };
-    net.push(
-        relay,
-        Input::Received {
-            conn: relay_a,
-            msg: Message::Sync {
-                sender_id: PeerId::new("a"),
-                target_id: PeerId::new("relay"),
-                document_id: doc,
-                data: msg.encode(),
-            },
-        },
-    );
+    push_sync_from_a(net, relay, relay_a, doc, msg);
     net.run_node(relay);
     net.nodes[relay]
         .log
@@ -613,18 +624,7 @@ fn a_malformed_bloom_filter_closes_only_that_connection() {
             flags: None,
             version: automerge::sync::MessageVersion::V1,
         };
-        net.push(
-            relay,
-            Input::Received {
-                conn: relay_a,
-                msg: Message::Sync {
-                    sender_id: PeerId::new("a"),
-                    target_id: PeerId::new("relay"),
-                    document_id: doc,
-                    data: msg.encode(),
-                },
-            },
-        );
+        push_sync_from_a(&mut net, relay, relay_a, doc, msg);
         // The relay has a change `a` lacks, so answering would consult the filter.
         type_into(&mut net, b, &doc, "new ");
         assert!(has_event(&net, relay, |e| matches!(

@@ -38,10 +38,12 @@ use automerge::{Automerge, ChangeHash};
 /// peers that have the note (see the module docs).
 pub(super) fn generate(doc: &Automerge, state: &mut State) -> Option<SyncMessage> {
     let has_note = state.their_heads.as_ref().is_some_and(|h| !h.is_empty());
-    if has_note {
+    let caps = if has_note {
         exact_basis(doc, state);
-    }
-    let caps = if has_note { hide_v2(state) } else { None };
+        hide_v2(state)
+    } else {
+        None
+    };
     let msg = doc.generate_sync_message(state);
     if let Some(caps) = caps {
         state.their_capabilities = Some(caps);
