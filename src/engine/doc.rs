@@ -471,7 +471,9 @@ impl DocEntry {
         let fresh_copy = was_empty && bad.is_empty();
         self.arrived = None;
         if applied {
-            if fresh_copy || (storable && doc.get_missing_deps(&[]).is_empty()) {
+            // Bytes left to `load_incremental` (a bundle, a document chunk) may hold a part
+            // it skipped: stored as they came they would be quarantined on the next load.
+            if fresh_copy || (storable && all_parsed && doc.get_missing_deps(&[]).is_empty()) {
                 let bytes = match prefix {
                     Some(mut p) => {
                         p.extend_from_slice(&all);
