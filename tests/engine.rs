@@ -542,6 +542,120 @@ fn corrupt_change_bytes_close_only_that_connection() {
     assert_eq!(peers, vec![relay_b]);
 }
 
+/// Changes whose checksums are right but whose contents were forged (any peer can decode a
+/// change, alter it and encode it again): Automerge 0.12 panics on some and is left with a
+/// note that no longer reloads by others. Each closes only its sender's connection; an
+/// honest change that arrived in the same batch from another peer is applied; the relay's
+/// note is as it was, still saves and reloads, and goes on syncing.
+#[test]
+fn forged_changes_close_only_that_connection_and_leave_the_note_sound() {
+    // Each forgery: which of two changes by a new actor is altered, and how; what comes
+    // before it is sent with it, untouched.
+    type Edit = fn(&mut automerge::ExpandedChange, &[automerge::ChangeHash]);
+    let forgeries: [(&str, usize, Edit); 2] = [
+        // Automerge registers a new actor only from its seq-1 change, then unwraps its
+        // lookup.
+        ("a seq-2 change by an actor the note lacks", 0, |e, _| {
+            e.seq = 2
+        }),
+        // Applies without error, and the note's save then does not load.
+        (
+            "a change that hides its dependency on the one before",
+            1,
+            |e, note_heads| e.deps = note_heads.to_vec(),
+        ),
+    ];
+    for (what, i, edit) in forgeries {
+        let Shared {
+            mut net,
+            relay,
+            a,
+            b,
+            relay_a,
+            relay_b,
+            doc,
+        } = shared_note(relay_config("relay"));
+        let note = net.nodes[a].engine.document(&doc).unwrap().lock().clone();
+        let t = note.get(ROOT, "text").unwrap().unwrap().1;
+        let mut evil = note.fork().with_actor(ActorId::from(vec![9; 16]));
+        // The second inserts within the first's text: it refers to the first's ops.
+        for (at, s) in [(0, "evil"), (2, "more")] {
+            let mut tx = evil.transaction();
+            tx.splice_text(&t, at, 0, s).unwrap();
+            tx.commit();
+        }
+        let evil = evil.get_changes(&note.get_heads());
+        let mut forged = evil[i].decode();
+        forged.hash = None;
+        edit(&mut forged, &note.get_heads());
+        let forged = automerge::Change::from(forged);
+        let mut sent = evil[..i].to_vec();
+        sent.push(forged);
+        let mut honest = note.fork().with_actor(ActorId::from(vec![8; 16]));
+        let mut tx = honest.transaction();
+        tx.splice_text(&t, 0, 0, "fine ").unwrap();
+        tx.commit();
+        let honest = honest.get_last_local_change().unwrap();
+        let before = net.heads(relay, &doc).unwrap();
+        assert_eq!(before, note.get_heads());
+        let msg = |changes: &[automerge::Change]| SyncMessage {
+            heads: vec![changes.last().unwrap().hash()],
+            need: Vec::new(),
+            have: Vec::new(),
+            changes: ChunkList::from(
+                changes
+                    .iter()
+                    .map(|c| c.raw_bytes().to_vec())
+                    .collect::<Vec<_>>(),
+            ),
+            flags: None,
+            version: automerge::sync::MessageVersion::V1,
+        };
+        // Both wait in the relay's inbox and are applied as one batch.
+        push_sync_from_a(&mut net, relay, relay_a, doc, msg(&sent));
+        net.push(
+            relay,
+            Input::Received {
+                conn: relay_b,
+                msg: Message::Sync {
+                    sender_id: PeerId::new("b"),
+                    target_id: PeerId::new("relay"),
+                    document_id: doc,
+                    data: msg(std::slice::from_ref(&honest)).encode(),
+                },
+            },
+        );
+        net.run_node(relay);
+        let closed: Vec<&String> = net.nodes[relay]
+            .log
+            .iter()
+            .filter(|l| l.starts_with("close"))
+            .collect();
+        assert_eq!(closed.len(), 1, "{what}: {closed:?}");
+        assert!(closed[0].contains(&format!("{relay_a:?}")), "{what}");
+        let relay_doc = net.nodes[relay]
+            .engine
+            .document(&doc)
+            .unwrap()
+            .lock()
+            .clone();
+        for c in &sent {
+            assert!(
+                relay_doc.get_change_meta_by_hash(&c.hash()).is_none(),
+                "{what}"
+            );
+        }
+        assert_eq!(relay_doc.get_heads(), vec![honest.hash()], "{what}");
+        let reloaded = Automerge::load(&relay_doc.save()).unwrap();
+        assert_eq!(reloaded.get_heads(), relay_doc.get_heads(), "{what}");
+        // `b` goes on syncing through the relay.
+        net.settle();
+        type_into(&mut net, b, &doc, "ok ");
+        assert_eq!(net.heads(relay, &doc), net.heads(b, &doc), "{what}");
+        assert!(text_of(&net, b, &doc).contains("fine "), "{what}");
+    }
+}
+
 /// Automerge can also carry changes as a bundle chunk (`Automerge::bundle`); a peer that
 /// sends one is applied, not taken for a peer sending damaged changes.
 #[test]

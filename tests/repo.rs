@@ -73,6 +73,24 @@ async fn unknown_ids_garbage_imports_and_deletes() {
         repo.import(b"not automerge at all").await,
         Err(RepoError::Import(_))
     ));
+    // A forged change (contents altered, checksum right) behind a real note: Automerge alone
+    // panics on it (an actor it never saw begins at seq 2).
+    let mut note = automerge::Automerge::new();
+    note.transact::<_, _, automerge::AutomergeError>(|tx| tx.put(ROOT, "k", 1).map(|_| ()))
+        .unwrap();
+    let mut other = note.fork();
+    other
+        .transact::<_, _, automerge::AutomergeError>(|tx| tx.put(ROOT, "k", 2).map(|_| ()))
+        .unwrap();
+    let mut forged = other.get_last_local_change().unwrap().decode();
+    forged.hash = None;
+    forged.seq = 2;
+    let mut bytes = note.save();
+    bytes.extend_from_slice(automerge::Change::from(forged).raw_bytes());
+    assert!(matches!(
+        repo.import(&bytes).await,
+        Err(RepoError::Import(_))
+    ));
 
     let h = repo.create().await.unwrap();
     h.change(|tx| tx.put(ROOT, "k", 1)).unwrap();

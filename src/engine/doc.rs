@@ -12,6 +12,7 @@ use crate::net::ConnId;
 use crate::protocol::Message;
 use crate::schema::{enforce, RepairContext};
 
+use super::admit::{self, Batch};
 use super::types::{Effect, EngineConfig, EngineError, Event, Millis, SharedDoc};
 
 /// Where a document is in its life in this engine.
@@ -126,6 +127,8 @@ pub(super) struct DocEntry {
     needs_check: bool,
     /// The inbox is not applied before this (see [`super::ApplyPacing`]).
     pub(super) next_apply_at: Millis,
+    /// Each actor's latest change, for admitting remote ones (see `admit`).
+    lineage: super::lineage::Lineage,
 }
 
 /// Remote changes persisted as the bytes they arrived in.
@@ -179,6 +182,7 @@ fn blank(now: Millis, phase: DocPhase, doc: Automerge) -> DocEntry {
         inbox: Vec::new(),
         held: Vec::new(),
         next_apply_at: Millis(0),
+        lineage: Default::default(),
         local_want: false,
         requesting_since: now,
         last_activity: now,
@@ -444,12 +448,21 @@ impl DocEntry {
         // The changes as parsed above, unless a chunk is left to the loader or this is a
         // first copy (`load_incremental` loads that as a document).
         let parsed = (all_parsed && !was_empty).then_some(parsed);
+        // Admitted only if Automerge neither panics on it nor is left with a note it
+        // cannot keep (see `admit`).
         let applied = !all.is_empty()
-            && match (log.as_mut(), parsed) {
-                (Some(log), Some(p)) => doc.apply_changes_log_patches(p, log).is_ok(),
-                (None, Some(p)) => doc.apply_changes(p).is_ok(),
-                (Some(log), None) => doc.load_incremental_log_patches(&all, log).is_ok(),
-                (None, None) => doc.load_incremental(&all).is_ok(),
+            && {
+                let batch = match parsed {
+                    Some(p) => Batch::Changes(p),
+                    None => Batch::Bytes(&all),
+                };
+                match admit::apply(&mut doc, &mut self.lineage, batch, log.as_mut()) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::debug!(doc = %id, error = %e, "a batch of remote changes was not admitted; trying each sender's alone");
+                        false
+                    }
+                }
             };
         if let (true, Some(log)) = (applied, log) {
             doc.record(heads_before.clone(), log);
@@ -488,18 +501,46 @@ impl DocEntry {
             }
         } else if !all.is_empty() {
             // Find the culprit(s); whatever is valid is applied (changes are idempotent).
+            let mut failed = Vec::new();
             for (conn, r) in &ranges {
-                if let Err(e) = doc.load_incremental(&all[r.clone()]) {
-                    if !bad.contains(conn) {
-                        bad.push(*conn);
-                        let error = EngineError::BadChanges {
-                            doc: id,
-                            reason: e.to_string(),
-                        };
-                        out.close.push((*conn, error.to_string()));
-                        out.effects
-                            .push(Effect::Event(Event::PeerError { conn: *conn, error }));
-                    }
+                if let Err(e) = admit::apply(
+                    &mut doc,
+                    &mut self.lineage,
+                    Batch::Bytes(&all[r.clone()]),
+                    None,
+                ) {
+                    failed.push((*conn, r.clone(), e));
+                }
+            }
+            // Every sender failing while changes waited for a dependency may be one of
+            // those (forged and queued earlier) failing each time it becomes ready: try
+            // again without them.
+            if !failed.is_empty() && failed.len() == ranges.len() && !queue_was_empty {
+                if let Ok(fresh) = admit::without_queue(&doc) {
+                    tracing::warn!(doc = %id, "dropped the changes waiting for a dependency: every sender's changes failed with them");
+                    **doc = fresh;
+                    failed.retain(|(_, r, _)| {
+                        admit::apply(
+                            &mut doc,
+                            &mut self.lineage,
+                            Batch::Bytes(&all[r.clone()]),
+                            None,
+                        )
+                        .is_err()
+                    });
+                }
+            }
+            for (conn, _, e) in failed {
+                if !bad.contains(&conn) {
+                    bad.push(conn);
+                    tracing::warn!(doc = %id, conn = ?conn, error = %e, "rejected a peer's changes");
+                    let error = EngineError::BadChanges {
+                        doc: id,
+                        reason: e.to_string(),
+                    };
+                    out.close.push((conn, error.to_string()));
+                    out.effects
+                        .push(Effect::Event(Event::PeerError { conn, error }));
                 }
             }
         }

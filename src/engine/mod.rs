@@ -14,7 +14,9 @@
 //! [`Engine::handle_batch`] first only *routes* every input (sync messages are queued in
 //! their document's inbox), then runs one step per touched document: all queued changes
 //! are applied in one call (`apply_changes`, with the changes as parsed by the check that
-//! rejects damaged ones), each message's sync-state bookkeeping runs
+//! rejects damaged ones, on a copy of the note that replaces it only once the `admit` module
+//! has checked the result: Automerge 0.12 panics on some forged changes and keeps a note it
+//! cannot reload after others), each message's sync-state bookkeeping runs
 //! without its changes, the new changes become one storage chunk, and each peer gets at
 //! most one message with everything new. A runtime that drains its whole input queue into
 //! one batch gets coalescing for free, and under load the batches grow.
@@ -69,15 +71,18 @@
 //! into the same storage chunk as the remote changes and out to peers like any local change.
 //! Each attempt is reported as [`Event::Repair`].
 
+pub(crate) mod admit;
 mod basis;
 mod conn;
 mod dedup;
 mod doc;
 mod forward;
 mod journal;
+mod lineage;
 mod receive;
 mod types;
 
+pub use admit::AdmitError;
 pub use doc::{DocPhase, PeerSyncStatus};
 pub use journal::DocCell;
 pub use types::{

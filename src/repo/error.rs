@@ -15,7 +15,7 @@ pub enum RepoError {
     )]
     FindTimeout { id: DocumentId, after: Duration },
     #[error("not an Automerge document: {0}")]
-    Import(automerge::AutomergeError),
+    Import(#[source] crate::engine::AdmitError),
     #[error("the change failed: {0}")]
     Change(automerge::AutomergeError),
     /// The change would break an invariant of the note's kind; it was rolled back (nothing

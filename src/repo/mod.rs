@@ -277,10 +277,9 @@ impl Repo {
     /// Import a document from Automerge bytes (`save()` output or concatenated changes)
     /// as a new note with a fresh id.
     pub async fn import(&self, bytes: &[u8]) -> Result<DocHandle, RepoError> {
-        let doc = Automerge::load(bytes).map_err(RepoError::Import)?;
-        if doc.get_heads().is_empty() {
-            return Err(RepoError::Import(automerge::AutomergeError::Fail));
-        }
+        // Checked as remote changes are: garbage and forgeries get an error, not a panic
+        // or a note that does not reload.
+        let doc = crate::engine::admit::load(bytes).map_err(RepoError::Import)?;
         self.create_from(doc).await
     }
 
