@@ -15,6 +15,8 @@
 //! - [`sync_message`]: bytes as an incoming `sync`/`request` for a document the engine holds,
 //!   on a ready connection: a typed error and a close, or a merge; never a panic; what the
 //!   engine persisted reloads to the engine's heads and passes the store's verification.
+//! - [`forged_changes`]: honest changes altered and encoded again (checksums right), sent
+//!   to the same harness: whatever is admitted leaves a note that saves and reloads.
 //! - [`store_load`]: arbitrary chunks written through [`Store`] and raw keys and values put
 //!   straight into its sled trees: loading never panics, and a load after the quarantine is
 //!   clean and gives the same document.
@@ -351,6 +353,191 @@ impl SyncHarness {
             "the stored chunks leave changes waiting for dependencies"
         );
     }
+}
+
+// ---- forged_changes ----------------------------------------------------------------------------
+
+/// Honest changes by two remote peers on top of [`sync_base_document`]: the material that
+/// [`forged_changes`] alters. The first peer's four build on each other; the second's two
+/// are concurrent with them.
+pub fn honest_remote_changes() -> Vec<automerge::Change> {
+    use automerge::transaction::Transactable;
+    let base = sync_base_document(0);
+    let mut rng = StdRng::seed_from_u64(0xf0e6);
+    let mut out = Vec::new();
+    for (actor, n) in [([7u8; 16], 4), ([6u8; 16], 2)] {
+        let mut peer = base.fork().with_actor(automerge::ActorId::from(actor));
+        for _ in 0..n {
+            sim::random_edit(&mut peer, &mut rng);
+            let mut tx = peer.transaction();
+            let list = tx
+                .put_object(automerge::ROOT, "fuzz-list", automerge::ObjType::List)
+                .expect("a list");
+            tx.insert(&list, 0, 1).expect("an insert");
+            tx.commit();
+        }
+        out.extend(peer.get_changes(&base.get_heads()));
+    }
+    out
+}
+
+/// Layout: `[take][split]` then alterations `[change][what][a][b]` until the bytes run out.
+/// Takes the first `take % 6 + 1` of [`honest_remote_changes`], alters their decoded forms
+/// (seq, actor, start op, dependencies, an op's object, key, predecessors, insert flag or
+/// action; an op duplicated or dropped) and encodes them again, so checksums are right; sends
+/// them in one sync message (or two, split at `split`) to the [`sync_message`] harness.
+/// Whatever the engine admits must leave a note that saves, reloads to the same heads and
+/// persisted chunks that reload to them (Automerge 0.12 alone panics on many of these, or
+/// keeps a note whose save does not load: see `engine::admit`).
+pub fn forged_changes(data: &[u8]) {
+    use automerge::legacy::{ElementId, Key, ObjectId, OpId, OpType};
+    let mut u = Unstructured::new(data);
+    let honest = honest_remote_changes();
+    let take = usize::from(byte(&mut u)) % honest.len() + 1;
+    let split = usize::from(byte(&mut u)) % (take + 1);
+    let mut forged: Vec<automerge::ExpandedChange> =
+        honest[..take].iter().map(|c| c.decode()).collect();
+    let base = sync_base_document(0);
+    let known: Vec<automerge::ChangeHash> = base
+        .get_changes_meta(&[])
+        .iter()
+        .map(|m| m.hash)
+        .chain(honest.iter().map(|c| c.hash()))
+        .collect();
+    let actors = [
+        automerge::ActorId::from(b"sheaf-fuzz-local".to_vec()),
+        automerge::ActorId::from([7u8; 16]),
+        automerge::ActorId::from([6u8; 16]),
+        automerge::ActorId::from([5u8; 16]),
+    ];
+    while let Ok(b) = u.bytes(4) {
+        let e = &mut forged[usize::from(b[0]) % take];
+        let (a, v) = (b[2], u64::from(b[3]));
+        let actor = actors[usize::from(a) % actors.len()].clone();
+        let n_ops = e.operations.len();
+        match b[1] % 12 {
+            0 => e.seq = v % 6,
+            1 => e.actor_id = actor,
+            2 => e.start_op = std::num::NonZeroU64::new(v + 1).expect("non-zero"),
+            3 => e.deps.clear(),
+            4 => e.deps.push(known[usize::from(a) % known.len()]),
+            5 => {
+                let keep = usize::from(a) % (e.deps.len() + 1);
+                e.deps.truncate(keep);
+            }
+            w if n_ops > 0 => {
+                let i = usize::from(a) % n_ops;
+                let id = OpId(v, actor);
+                let op = &mut e.operations[i];
+                match w {
+                    6 => {
+                        op.obj = if v == 0 {
+                            ObjectId::Root
+                        } else {
+                            ObjectId::Id(id)
+                        }
+                    }
+                    7 => {
+                        op.key = match v % 3 {
+                            0 => Key::Seq(ElementId::Head),
+                            1 => Key::Seq(ElementId::Id(id)),
+                            _ => Key::Map("k".into()),
+                        }
+                    }
+                    8 => {
+                        let mut pred: Vec<OpId> = op.pred.iter().cloned().collect();
+                        if v % 2 == 0 {
+                            pred.clear();
+                        } else {
+                            pred.push(id);
+                        }
+                        op.pred = pred.into();
+                    }
+                    9 => op.insert = !op.insert,
+                    10 => {
+                        op.action = match v % 5 {
+                            0 => OpType::Delete,
+                            1 => OpType::Increment(3),
+                            2 => OpType::Make(automerge::ObjType::Map),
+                            3 => OpType::Make(automerge::ObjType::Text),
+                            _ => OpType::Put("z".into()),
+                        }
+                    }
+                    _ => {
+                        if v % 2 == 0 {
+                            let op = op.clone();
+                            e.operations.insert(i, op);
+                        } else {
+                            e.operations.remove(i);
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let bytes: Vec<Vec<u8>> = forged
+        .into_iter()
+        .map(|mut e| {
+            e.hash = None;
+            automerge::Change::from(e).raw_bytes().to_vec()
+        })
+        .collect();
+    let mut h = SyncHarness::new(0);
+    let parts = if split == 0 || split == take {
+        vec![bytes]
+    } else {
+        vec![bytes[..split].to_vec(), bytes[split..].to_vec()]
+    };
+    for part in parts {
+        let heads = h.engine.document(&SYNC_DOC).map(|d| d.lock().get_heads());
+        let data = SyncMessage {
+            heads: heads.unwrap_or_default(),
+            need: Vec::new(),
+            have: Vec::new(),
+            changes: ChunkList::from(part),
+            flags: None,
+            version: MessageVersion::V1,
+        }
+        .encode();
+        let msg = Message::Sync {
+            sender_id: h.remote.clone(),
+            target_id: h.local.clone(),
+            document_id: SYNC_DOC,
+            data,
+        };
+        h.run(vec![Input::Received { conn: h.conn, msg }]);
+    }
+    h.check();
+    let doc = h
+        .engine
+        .document(&SYNC_DOC)
+        .expect("the document stays ready");
+    let doc = doc.lock();
+    let reloaded = Automerge::load(&doc.save()).expect("the note's save loads");
+    assert_eq!(
+        reloaded.get_heads(),
+        doc.get_heads(),
+        "the note's save reloads to its heads"
+    );
+}
+
+/// For fuzz targets: Automerge panics that sheaf catches (see `engine::admit`) pass silently
+/// instead of reaching libfuzzer-sys's hook, which aborts on every panic, caught or not.
+/// A panic that escapes still fails the run: libfuzzer-sys aborts when its target unwinds.
+pub fn let_caught_automerge_panics_pass() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|info| {
+            let in_automerge = info
+                .location()
+                .is_some_and(|l| l.file().contains("automerge-0."));
+            if !in_automerge {
+                eprintln!("{info}");
+            }
+        }));
+    });
 }
 
 // ---- store_load ------------------------------------------------------------------------------

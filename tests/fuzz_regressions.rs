@@ -63,6 +63,11 @@ fn sync_message_regressions_and_seeds() {
 }
 
 #[test]
+fn forged_changes_regressions_and_seeds() {
+    replay("forged_changes", fuzzing::forged_changes, 10);
+}
+
+#[test]
 fn store_load_regressions_and_seeds() {
     replay("store_load", fuzzing::store_load, 3);
 }
