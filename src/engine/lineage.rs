@@ -128,7 +128,22 @@ impl Lineage {
             let first = changes[0];
             // A seq-1 change needs no predecessor (Automerge rejects a second seq 1).
             if first.seq != 1 {
-                let p = match find_previous(doc, first, actor) {
+                // The map when it is built; else a short walk, and the map if that fails.
+                let known = self
+                    .built
+                    .then(|| self.latest.get(actor).copied())
+                    .flatten();
+                let found = match known {
+                    Some(p) => follows(doc, &p, first).map(|()| p).map_err(|v| match v {
+                        Verdict::Broken(why) => Found::Broken(why),
+                        Verdict::Undecided => Found::Unknown,
+                    }),
+                    None => match find_previous(doc, first, actor) {
+                        Found::Yes(p) => Ok(p),
+                        other => Err(other),
+                    },
+                };
+                let p = match found.map_or_else(|f| f, Found::Yes) {
                     Found::Yes(p) => p,
                     Found::Broken(why) => return Err(Verdict::Broken(why)),
                     Found::Unknown => {
@@ -191,7 +206,7 @@ fn follows(doc: &Automerge, p: &Latest, m: &ChangeMetadata<'_>) -> Result<(), Ve
 }
 
 /// Changes visited looking for an actor's previous change before building the map.
-const FIND_BUDGET: usize = 256;
+const FIND_BUDGET: usize = 64;
 
 enum Found {
     Yes(Latest),
@@ -202,9 +217,10 @@ enum Found {
 /// The previous change of `first`'s actor among its ancestors, found walking back from its
 /// dependencies and stopping at each change by that actor.
 fn find_previous(doc: &Automerge, first: &ChangeMetadata<'_>, actor: &ActorId) -> Found {
-    let mut stack: Vec<ChangeHash> = first.deps.clone();
+    // Breadth first: the previous change is nearly always a dependency or close to one.
+    let mut stack: std::collections::VecDeque<ChangeHash> = first.deps.iter().copied().collect();
     let mut seen: HashSet<ChangeHash> = HashSet::new();
-    while let Some(h) = stack.pop() {
+    while let Some(h) = stack.pop_front() {
         if !seen.insert(h) {
             continue;
         }
@@ -240,6 +256,9 @@ fn latest_of(m: &ChangeMetadata<'_>) -> Latest {
 
 /// Whether `p` is `deps` or one of their ancestors; `None` past [`WALK_BUDGET`] changes.
 fn descends_from(doc: &Automerge, deps: &[ChangeHash], p: &Latest) -> Option<bool> {
+    if deps.contains(&p.hash) {
+        return Some(true);
+    }
     let mut stack: Vec<ChangeHash> = deps.to_vec();
     let mut seen: HashSet<ChangeHash> = HashSet::new();
     while let Some(h) = stack.pop() {
