@@ -201,16 +201,7 @@ pub fn sync_message(data: &[u8]) {
     let mut h = SyncHarness::new(edits);
     for p in payloads {
         let data = if flags & 2 != 0 {
-            let heads = h.engine.document(&SYNC_DOC).map(|d| d.lock().get_heads());
-            SyncMessage {
-                heads: heads.unwrap_or_default(),
-                need: Vec::new(),
-                have: Vec::new(),
-                changes: ChunkList::from(p),
-                flags: None,
-                version: MessageVersion::V1,
-            }
-            .encode()
+            h.changes_message(ChunkList::from(p))
         } else {
             p
         };
@@ -292,6 +283,23 @@ impl SyncHarness {
             "handshake failed"
         );
         h
+    }
+
+    /// An encoded sync message carrying `changes` and our heads.
+    fn changes_message(&self, changes: ChunkList) -> Vec<u8> {
+        let heads = self
+            .engine
+            .document(&SYNC_DOC)
+            .map(|d| d.lock().get_heads());
+        SyncMessage {
+            heads: heads.unwrap_or_default(),
+            need: Vec::new(),
+            have: Vec::new(),
+            changes,
+            flags: None,
+            version: MessageVersion::V1,
+        }
+        .encode()
     }
 
     /// Handle `inputs`, then answer effects until the engine is quiet.
@@ -490,16 +498,7 @@ pub fn forged_changes(data: &[u8]) {
         vec![bytes[..split].to_vec(), bytes[split..].to_vec()]
     };
     for part in parts {
-        let heads = h.engine.document(&SYNC_DOC).map(|d| d.lock().get_heads());
-        let data = SyncMessage {
-            heads: heads.unwrap_or_default(),
-            need: Vec::new(),
-            have: Vec::new(),
-            changes: ChunkList::from(part),
-            flags: None,
-            version: MessageVersion::V1,
-        }
-        .encode();
+        let data = h.changes_message(ChunkList::from(part));
         let msg = Message::Sync {
             sender_id: h.remote.clone(),
             target_id: h.local.clone(),

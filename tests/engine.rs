@@ -462,6 +462,18 @@ fn push_sync_from_a(
     );
 }
 
+/// A sync message carrying `changes` (chunk bytes) with `heads`.
+fn changes_message(heads: Vec<automerge::ChangeHash>, changes: Vec<Vec<u8>>) -> SyncMessage {
+    SyncMessage {
+        heads,
+        need: Vec::new(),
+        have: Vec::new(),
+        changes: ChunkList::from(changes),
+        flags: None,
+        version: automerge::sync::MessageVersion::V1,
+    }
+}
+
 /// The relay of [`shared_note`] receives from `a` a sync message carrying `changes` with
 /// `heads`, and runs once; returns what it logged about closing connections.
 fn relay_gets_changes_from_a(
@@ -472,15 +484,7 @@ fn relay_gets_changes_from_a(
     heads: Vec<automerge::ChangeHash>,
     changes: Vec<Vec<u8>>,
 ) -> Vec<String> {
-    let msg = SyncMessage {
-        heads,
-        need: Vec::new(),
-        have: Vec::new(),
-        changes: ChunkList::from(changes),
-        flags: None,
-        version: automerge::sync::MessageVersion::V1,
-    };
-    push_sync_from_a(net, relay, relay_a, doc, msg);
+    push_sync_from_a(net, relay, relay_a, doc, changes_message(heads, changes));
     net.run_node(relay);
     net.nodes[relay]
         .log
@@ -598,18 +602,11 @@ fn forged_changes_close_only_that_connection_and_leave_the_note_sound() {
         let honest = honest.get_last_local_change().unwrap();
         let before = net.heads(relay, &doc).unwrap();
         assert_eq!(before, note.get_heads());
-        let msg = |changes: &[automerge::Change]| SyncMessage {
-            heads: vec![changes.last().unwrap().hash()],
-            need: Vec::new(),
-            have: Vec::new(),
-            changes: ChunkList::from(
-                changes
-                    .iter()
-                    .map(|c| c.raw_bytes().to_vec())
-                    .collect::<Vec<_>>(),
-            ),
-            flags: None,
-            version: automerge::sync::MessageVersion::V1,
+        let msg = |changes: &[automerge::Change]| {
+            changes_message(
+                vec![changes.last().unwrap().hash()],
+                changes.iter().map(|c| c.raw_bytes().to_vec()).collect(),
+            )
         };
         // Both wait in the relay's inbox and are applied as one batch.
         push_sync_from_a(&mut net, relay, relay_a, doc, msg(&sent));

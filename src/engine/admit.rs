@@ -384,6 +384,20 @@ mod tests {
         Change::from(e)
     }
 
+    /// Automerge alone, given `batch`, panics or keeps a note whose save does not load (what
+    /// makes the forgery worth a test).
+    fn assert_automerge_alone_breaks(note: &Automerge, batch: &[Change]) {
+        let raw = catch_unwind(AssertUnwindSafe(|| {
+            let mut raw = note.clone();
+            raw.apply_changes(batch.to_vec()).unwrap();
+            Automerge::load(&raw.save()).is_ok()
+        }));
+        assert!(
+            !matches!(raw, Ok(true)),
+            "automerge alone keeps this note sound"
+        );
+    }
+
     /// The note still works: its save loads to the same heads, and an honest change applies.
     fn assert_intact(note: &mut Automerge, heads: &[ChangeHash], honest: &Change) {
         assert_eq!(note.get_heads(), heads);
@@ -425,15 +439,7 @@ mod tests {
         let forged = forge(&changes[0], |e| e.start_op = std::num::NonZeroU64::MIN);
         // What Automerge alone makes of it: no error, and a note whose save does not load
         // (or a panic on the way).
-        let raw = catch_unwind(AssertUnwindSafe(|| {
-            let mut raw = note.clone();
-            raw.apply_changes([forged.clone()]).unwrap();
-            Automerge::load(&raw.save()).is_ok()
-        }));
-        assert!(
-            !matches!(raw, Ok(true)),
-            "automerge alone keeps this note sound"
-        );
+        assert_automerge_alone_breaks(&note, std::slice::from_ref(&forged));
         let mut admitted = note.clone();
         // Caught by the rebuild (which panics on it, inside the trial).
         let err = apply(
@@ -458,15 +464,7 @@ mod tests {
         // change, whose ops it edits.
         let forged = forge(&changes[1], |e| e.deps = heads.clone());
         let batch = vec![changes[0].clone(), forged];
-        let raw = catch_unwind(AssertUnwindSafe(|| {
-            let mut raw = note.clone();
-            raw.apply_changes(batch.clone()).unwrap();
-            Automerge::load(&raw.save()).is_ok()
-        }));
-        assert!(
-            !matches!(raw, Ok(true)),
-            "automerge alone keeps this note sound"
-        );
+        assert_automerge_alone_breaks(&note, &batch);
         let mut admitted = note.clone();
         let err = apply(
             &mut admitted,
