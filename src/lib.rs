@@ -49,4 +49,4 @@ pub mod traces;
 
 pub use error::Error;
 pub use id::{AutomergeUrl, DocumentId, PeerId, StorageId};
-pub use repo::{ConnectOptions, DocHandle, Repo, RepoConfig, RepoError};
+pub use repo::{ConnectOptions, DocHandle, EngineStop, Repo, RepoConfig, RepoError};

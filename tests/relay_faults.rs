@@ -504,3 +504,103 @@ async fn sync_status_shows_the_relay_leaving_and_coming_back() {
     wait_json(&hb, &ha.to_json()).await;
     relay.terminate().await;
 }
+
+// ---------------------------------------------------------------------------------------
+// A bug in the engine
+
+/// `GET path` on `addr`: the status code and the body.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    timeout(WAIT, tcp.read_to_end(&mut raw))
+        .await
+        .expect("an HTTP answer in time")
+        .unwrap();
+    let text = String::from_utf8(raw).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").expect("a whole response");
+    (
+        head.split(' ').nth(1).unwrap().parse().unwrap(),
+        body.to_owned(),
+    )
+}
+
+/// A panic in the relay's engine (a bug; injected here through the engine's clock, which it
+/// reads when it applies remote changes) stops the repo instead of leaving a relay that
+/// accepts sockets only to drop them: `engine_stopped` says why, `/health` answers 503,
+/// calls fail with `EngineFailed`, and every change the relay acknowledged is on disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_panic_stops_the_repo_fails_health_and_loses_nothing_acknowledged() {
+    use sheafdb::engine::{CostClock, EngineConfig};
+    use sheafdb::{EngineStop, RepoError};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let armed = Arc::new(AtomicBool::new(false));
+    let trip = armed.clone();
+    let mut engine = EngineConfig::relay(PeerId::random(), None);
+    engine.cost_clock = Some(CostClock(Arc::new(move || {
+        assert!(!trip.load(Ordering::SeqCst), "injected engine bug");
+        0
+    })));
+    let relay = Repo::open_with(
+        dir.path(),
+        RepoConfig {
+            engine: Some(engine),
+            ..RepoConfig::relay()
+        },
+    )
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(sheafdb::relay::run(
+        listener,
+        relay.hub(),
+        Default::default(),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    assert_eq!(http_get(addr, "/health").await, (200, "ok".into()));
+
+    let peer = peer_repo();
+    peer.connect(&format!("ws://{addr}")).unwrap();
+    let h = peer.create().await.unwrap();
+    append(&h, "kept");
+    acknowledged(&h).await;
+    assert_eq!(relay.engine_stop(), None);
+
+    armed.store(true, Ordering::SeqCst);
+    append(&h, " and more");
+    let stop_reason = timeout(WAIT, relay.engine_stopped())
+        .await
+        .expect("the engine stops");
+    match &stop_reason {
+        EngineStop::Panicked(why) => assert!(why.contains("injected engine bug"), "{why}"),
+        other => panic!("stopped for another reason: {other:?}"),
+    }
+    let (status, body) = http_get(addr, "/health").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("injected engine bug"), "{body}");
+    match relay.find(h.id()).await {
+        Err(RepoError::EngineFailed(why)) => assert!(why.contains("injected engine bug")),
+        Err(e) => panic!("another error: {e}"),
+        Ok(_) => panic!("a dead engine answered a find"),
+    }
+
+    let _ = stop.send(());
+    timeout(WAIT, server).await.unwrap().unwrap().unwrap();
+    let id = h.id();
+    drop(h);
+    drop(peer);
+    relay.shutdown().unwrap();
+    drop(relay);
+    // What the relay acknowledged survived it; what it panicked on was never applied.
+    let reopened = Repo::open(dir.path()).unwrap();
+    let note = reopened.find(id).await.unwrap();
+    assert_eq!(note.to_json()["text"], "kept");
+}

@@ -13,7 +13,7 @@ use clap::{Args as ClapArgs, Parser, Subcommand};
 use sheafdb::auth::{Claims, DocScope, Key, Keyring, KEYS_ENV};
 use sheafdb::engine::{ApplyPacing, EngineConfig};
 use sheafdb::relay::{MetricType, Metrics, RateLimit, ServerConfig};
-use sheafdb::{AutomergeUrl, PeerId, Repo, RepoConfig};
+use sheafdb::{AutomergeUrl, EngineStop, PeerId, Repo, RepoConfig};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -249,7 +249,26 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     tracing::info!(%addr, data_dir = %args.data_dir.display(), peer = %repo.peer_id(), "sheaf-relay serving");
     println!("sheaf-relay listening on ws://{addr}");
 
-    sheafdb::relay::run(listener, repo.hub(), server, shutdown_signal()).await?;
+    // Stop on SIGINT/SIGTERM, or when the engine dies (a bug): a relay whose engine is gone
+    // would accept sockets only to drop them. Exiting with an error lets a supervisor
+    // restart it on the same data.
+    let engine = repo.clone();
+    let stop = async move {
+        tokio::select! {
+            _ = shutdown_signal() => {}
+            _ = engine.engine_stopped() => {}
+        }
+    };
+    sheafdb::relay::run(listener, repo.hub(), server, stop).await?;
+    if let Some(EngineStop::Panicked(why)) = repo.engine_stop() {
+        tracing::error!("the sync engine panicked; flushing storage and exiting");
+        let flushed =
+            tokio::task::spawn_blocking(move || repo.shutdown().map_err(anyhow::Error::from)).await;
+        if let Ok(Err(e)) = flushed {
+            tracing::error!(error = %e, "flushing storage failed");
+        }
+        bail!("the sync engine panicked: {why}");
+    }
     tracing::info!("shutting down: flushing storage");
     let r =
         tokio::task::spawn_blocking(move || repo.shutdown().map_err(anyhow::Error::from)).await?;

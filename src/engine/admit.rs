@@ -333,7 +333,8 @@ pub(super) fn without_queue(doc: &Automerge) -> Result<Automerge, AdmitError> {
     .unwrap_or_else(|p| Err(AdmitError::Panicked(panic_message(p.as_ref()))))
 }
 
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+/// The message a panic was raised with.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     payload
         .downcast_ref::<&str>()
         .map(|s| s.to_string())

@@ -61,4 +61,9 @@ pub trait Hub: Send + Sync + 'static {
     fn receive(&self, conn: ConnId, msg: Message);
     /// The socket is gone (closed by either side, or failed).
     fn disconnect(&self, conn: ConnId);
+    /// Whether the hub can serve: `Err(why)` once its engine is gone (the server's
+    /// `GET /health` answers 503 with it).
+    fn health(&self) -> Result<(), String> {
+        Ok(())
+    }
 }

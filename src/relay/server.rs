@@ -363,7 +363,19 @@ async fn answer_http(
     }
     metrics.http_requests.inc(route);
     match route {
-        "health" => http::respond(tcp, "200 OK", TEXT, "", "ok").await,
+        "health" => match ctx.hub.health() {
+            Ok(()) => http::respond(tcp, "200 OK", TEXT, "", "ok").await,
+            Err(why) => {
+                http::respond(
+                    tcp,
+                    "503 Service Unavailable",
+                    TEXT,
+                    "",
+                    &format!("{why}\n"),
+                )
+                .await
+            }
+        },
         _ => {
             let body = metrics.render();
             http::respond(

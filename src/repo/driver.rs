@@ -2,6 +2,7 @@
 //! effects (sockets, store, handle notifications).
 
 use std::collections::{HashMap, HashSet};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Weak};
@@ -112,6 +113,7 @@ pub(super) fn spawn(
     inner: Weak<Inner>,
     mut config: EngineConfig,
     rx: Receiver<Cmd>,
+    stopped: tokio::sync::watch::Sender<Option<super::EngineStop>>,
 ) -> std::thread::JoinHandle<()> {
     let (store, tx) = {
         let i = inner.upgrade().expect("spawned from a live repo");
@@ -148,7 +150,26 @@ pub(super) fn spawn(
                 carry: Vec::new(),
                 local_step_cost: Duration::ZERO,
             };
-            d.run(rx);
+            // A panic here is a bug in sheaf, and it leaves the engine in an unknown state:
+            // stop (dropping every connection and reply, so callers see an error instead of
+            // waiting forever) and say so, rather than limp on. What the store acknowledged
+            // is durable; nothing else was ever reported saved.
+            let outcome = catch_unwind(AssertUnwindSafe(|| d.run(rx)));
+            // (`run` joins these as it ends; after a panic they end once `d` is gone.)
+            let threads = std::mem::take(&mut d.threads);
+            drop(d);
+            for t in threads {
+                let _ = t.join();
+            }
+            let stop = match outcome {
+                Ok(()) => super::EngineStop::Shutdown,
+                Err(payload) => {
+                    let why = crate::engine::admit::panic_message(payload.as_ref());
+                    tracing::error!(panic = %why, "the sync engine panicked; it has stopped");
+                    super::EngineStop::Panicked(why)
+                }
+            };
+            stopped.send_replace(Some(stop));
         })
         .expect("spawn the driver thread")
 }

@@ -24,6 +24,9 @@ pub enum RepoError {
     Invariant(Box<crate::schema::Rejected>),
     #[error("the repo is shut down")]
     Closed,
+    /// The engine thread panicked (a bug in sheaf); see [`super::EngineStop::Panicked`].
+    #[error("the repo's engine stopped after a panic: {0}")]
+    EngineFailed(String),
     #[error("I/O error on {path}: {source}")]
     Io {
         path: std::path::PathBuf,

@@ -144,8 +144,31 @@ pub struct RepoStats {
     pub text_reads: AtomicU64,
 }
 
+/// Why a repo's engine stopped (see [`Repo::engine_stopped`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EngineStop {
+    /// [`Repo::shutdown`], or the last `Repo` clone dropped.
+    Shutdown,
+    /// A panic in the engine thread: a bug in sheaf. Nothing acknowledged as saved is lost
+    /// (the store is written by its own thread), but the repo does nothing more: its
+    /// connections are closed and every call fails with [`RepoError::EngineFailed`]. Restart
+    /// it (a relay exits with an error so that its supervisor does).
+    Panicked(String),
+}
+
+impl std::fmt::Display for EngineStop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EngineStop::Shutdown => f.write_str("shut down"),
+            EngineStop::Panicked(why) => write!(f, "panicked: {why}"),
+        }
+    }
+}
+
 pub(crate) struct Inner {
     pub(crate) stats: Arc<RepoStats>,
+    /// Set by the driver thread as it ends.
+    stopped: watch::Receiver<Option<EngineStop>>,
     pub(crate) tx: std::sync::mpsc::Sender<Cmd>,
     pub(crate) store: Store,
     pub(crate) peer_id: PeerId,
@@ -164,7 +187,15 @@ pub(crate) struct Inner {
 
 impl Inner {
     pub(crate) fn send(&self, cmd: Cmd) -> Result<(), RepoError> {
-        self.tx.send(cmd).map_err(|_| RepoError::Closed)
+        self.tx.send(cmd).map_err(|_| self.closed())
+    }
+
+    /// The error for a call the engine will never answer.
+    pub(crate) fn closed(&self) -> RepoError {
+        match &*self.stopped.borrow() {
+            Some(EngineStop::Panicked(why)) => RepoError::EngineFailed(why.clone()),
+            _ => RepoError::Closed,
+        }
     }
 
     pub(crate) fn channels(&self, id: &DocumentId) -> Arc<DocChannels> {
@@ -234,8 +265,10 @@ impl Repo {
         let schema = engine_config.schema.clone();
         let (tx, rx) = std::sync::mpsc::channel();
         let (trigger, shutdown_rx) = shutdown_channel();
+        let (stop_tx, stopped) = watch::channel(None);
         let inner = Arc::new(Inner {
             stats: Arc::new(RepoStats::default()),
+            stopped,
             tx,
             store,
             peer_id,
@@ -250,7 +283,7 @@ impl Repo {
             shutdown: trigger,
             shutdown_rx,
         });
-        let handle = driver::spawn(Arc::downgrade(&inner), engine_config, rx);
+        let handle = driver::spawn(Arc::downgrade(&inner), engine_config, rx, stop_tx);
         *inner.driver.lock() = Some(handle);
         Self { inner }
     }
@@ -415,6 +448,24 @@ impl Repo {
         })
     }
 
+    /// Resolves when the engine has stopped, and says why: after [`Repo::shutdown`], or at
+    /// once if a bug made it panic (see [`EngineStop::Panicked`]). A server selects on this
+    /// beside its shutdown signal, so that a dead engine is not left behind live sockets.
+    pub async fn engine_stopped(&self) -> EngineStop {
+        let mut rx = self.inner.stopped.clone();
+        let stop = match rx.wait_for(Option::is_some).await {
+            Ok(stop) => stop.clone().unwrap_or(EngineStop::Shutdown),
+            // The driver thread is gone without a word: it cannot have been a shutdown.
+            Err(_) => EngineStop::Panicked("the engine thread ended".into()),
+        };
+        stop
+    }
+
+    /// Why the engine stopped, if it has.
+    pub fn engine_stop(&self) -> Option<EngineStop> {
+        self.inner.stopped.borrow().clone()
+    }
+
     /// Stop the engine after writing everything out. Pending finds fail with `Closed`.
     pub fn shutdown(&self) -> Result<(), RepoError> {
         self.inner.shutdown.trigger();
@@ -515,6 +566,17 @@ struct RepoHub {
 }
 
 impl Hub for RepoHub {
+    fn health(&self) -> Result<(), String> {
+        let Some(inner) = self.inner.upgrade() else {
+            return Err("the repo is closed".into());
+        };
+        let stop = inner.stopped.borrow().clone();
+        match stop {
+            None => Ok(()),
+            Some(stop) => Err(format!("the sync engine {stop}")),
+        }
+    }
+
     fn connect(&self, info: ConnInfo) -> (ConnId, mpsc::Receiver<Outgoing>) {
         let (tx, rx) = mpsc::channel(self.queue.max(1));
         let Some(inner) = self.inner.upgrade() else {
