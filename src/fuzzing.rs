@@ -213,12 +213,7 @@ pub fn sync_message(data: &[u8]) {
                 data,
             }
         } else {
-            Message::Sync {
-                sender_id: h.remote.clone(),
-                target_id: h.local.clone(),
-                document_id: SYNC_DOC,
-                data,
-            }
+            h.sync(data)
         };
         h.run(vec![Input::Received { conn: h.conn, msg }]);
     }
@@ -300,6 +295,16 @@ impl SyncHarness {
             version: MessageVersion::V1,
         }
         .encode()
+    }
+
+    /// A `sync` message from the remote peer carrying `data`.
+    fn sync(&self, data: Vec<u8>) -> Message {
+        Message::Sync {
+            sender_id: self.remote.clone(),
+            target_id: self.local.clone(),
+            document_id: SYNC_DOC,
+            data,
+        }
     }
 
     /// Handle `inputs`, then answer effects until the engine is quiet.
@@ -498,13 +503,7 @@ pub fn forged_changes(data: &[u8]) {
         vec![bytes[..split].to_vec(), bytes[split..].to_vec()]
     };
     for part in parts {
-        let data = h.changes_message(ChunkList::from(part));
-        let msg = Message::Sync {
-            sender_id: h.remote.clone(),
-            target_id: h.local.clone(),
-            document_id: SYNC_DOC,
-            data,
-        };
+        let msg = h.sync(h.changes_message(ChunkList::from(part)));
         h.run(vec![Input::Received { conn: h.conn, msg }]);
     }
     h.check();

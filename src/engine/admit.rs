@@ -399,18 +399,17 @@ mod tests {
         );
     }
 
+    /// `apply` of `batch` with no lineage known yet.
+    fn admit(note: &mut Automerge, batch: Vec<Change>) -> Result<(), AdmitError> {
+        apply(note, &mut Lineage::default(), Batch::Changes(batch), None)
+    }
+
     /// The note still works: its save loads to the same heads, and an honest change applies.
     fn assert_intact(note: &mut Automerge, heads: &[ChangeHash], honest: &Change) {
         assert_eq!(note.get_heads(), heads);
         let reloaded = Automerge::load(&note.save()).unwrap();
         assert_eq!(reloaded.get_heads(), heads);
-        apply(
-            note,
-            &mut Lineage::default(),
-            Batch::Changes(vec![honest.clone()]),
-            None,
-        )
-        .unwrap();
+        admit(note, vec![honest.clone()]).unwrap();
         assert_eq!(note.get_heads(), vec![honest.hash()]);
     }
 
@@ -421,13 +420,7 @@ mod tests {
         // The peer's first change claiming to be its second: Automerge 0.12 registers an
         // actor only from a seq-1 change, then unwraps its lookup.
         let forged = forge(&changes[0], |e| e.seq = 2);
-        let err = apply(
-            &mut note,
-            &mut Lineage::default(),
-            Batch::Changes(vec![forged]),
-            None,
-        )
-        .unwrap_err();
+        let err = admit(&mut note, vec![forged]).unwrap_err();
         assert!(matches!(err, AdmitError::Panicked(_)), "{err}");
         assert_intact(&mut note, &heads, &changes[0]);
     }
@@ -443,13 +436,7 @@ mod tests {
         assert_automerge_alone_breaks(&note, std::slice::from_ref(&forged));
         let mut admitted = note.clone();
         // Caught by the rebuild (which panics on it, inside the trial).
-        let err = apply(
-            &mut admitted,
-            &mut Lineage::default(),
-            Batch::Changes(vec![forged]),
-            None,
-        )
-        .unwrap_err();
+        let err = admit(&mut admitted, vec![forged]).unwrap_err();
         assert!(
             matches!(err, AdmitError::Unsound(_) | AdmitError::Panicked(_)),
             "{err}"
@@ -467,13 +454,7 @@ mod tests {
         let batch = vec![changes[0].clone(), forged];
         assert_automerge_alone_breaks(&note, &batch);
         let mut admitted = note.clone();
-        let err = apply(
-            &mut admitted,
-            &mut Lineage::default(),
-            Batch::Changes(batch),
-            None,
-        )
-        .unwrap_err();
+        let err = admit(&mut admitted, batch).unwrap_err();
         assert!(matches!(err, AdmitError::Unsound(_)), "{err}");
         assert_intact(&mut admitted, &heads, &changes[0]);
     }

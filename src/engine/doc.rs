@@ -174,6 +174,15 @@ pub(super) struct StepOutput {
     pub evict: bool,
 }
 
+impl StepOutput {
+    /// Close `conn` for what it sent, and tell the app why.
+    fn reject(&mut self, conn: ConnId, error: EngineError) {
+        self.close.push((conn, error.to_string()));
+        self.effects
+            .push(Effect::Event(Event::PeerError { conn, error }));
+    }
+}
+
 fn blank(now: Millis, phase: DocPhase, doc: Automerge) -> DocEntry {
     DocEntry {
         phase,
@@ -377,12 +386,7 @@ impl DocEntry {
                 }) {
                 Ok(msg) => decoded.push((m.conn, msg)),
                 Err(e) => {
-                    let error = EngineError::BadSyncMessage { doc: id, reason: e };
-                    out.close.push((m.conn, error.to_string()));
-                    out.effects.push(Effect::Event(Event::PeerError {
-                        conn: m.conn,
-                        error,
-                    }));
+                    out.reject(m.conn, EngineError::BadSyncMessage { doc: id, reason: e });
                 }
             }
         }
@@ -413,10 +417,7 @@ impl DocEntry {
                 });
             if let Some(reason) = damaged {
                 parsed.truncate(start);
-                let error = EngineError::BadChanges { doc: id, reason };
-                out.close.push((*conn, error.to_string()));
-                out.effects
-                    .push(Effect::Event(Event::PeerError { conn: *conn, error }));
+                out.reject(*conn, EngineError::BadChanges { doc: id, reason });
                 rejected.push(*conn);
                 continue;
             }
@@ -538,9 +539,7 @@ impl DocEntry {
                         doc: id,
                         reason: e.to_string(),
                     };
-                    out.close.push((conn, error.to_string()));
-                    out.effects
-                        .push(Effect::Event(Event::PeerError { conn, error }));
+                    out.reject(conn, error);
                 }
             }
         }
@@ -569,13 +568,8 @@ impl DocEntry {
                 p.sync.last_sent_heads = last_sent;
             }
             if let Err(e) = result {
-                let error = EngineError::BadSyncMessage {
-                    doc: id,
-                    reason: e.to_string(),
-                };
-                out.close.push((conn, error.to_string()));
-                out.effects
-                    .push(Effect::Event(Event::PeerError { conn, error }));
+                let reason = e.to_string();
+                out.reject(conn, EngineError::BadSyncMessage { doc: id, reason });
             }
         }
         if doc.get_heads() != heads_before {
