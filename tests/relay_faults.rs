@@ -604,3 +604,46 @@ async fn an_engine_panic_stops_the_repo_fails_health_and_loses_nothing_acknowled
     let note = reopened.find(id).await.unwrap();
     assert_eq!(note.to_json()["text"], "kept");
 }
+
+/// A peer whose engine panicked stops dialing the relay (its dead engine would drop every
+/// socket at once, in a reconnect loop) and says so in its connection state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_whose_engine_panicked_stops_reconnecting() {
+    use sheafdb::engine::{CostClock, EngineConfig};
+    use sheafdb::net::client::ConnectionState;
+    use sheafdb::EngineStop;
+    use std::sync::Arc;
+
+    let (url, _relay, _stop) = common::in_process_relay().await;
+    let writer = peer_repo();
+    writer.connect(&url).unwrap();
+    let h = writer.create().await.unwrap();
+    append(&h, "x");
+    acknowledged(&h).await;
+
+    // The engine reads this clock when it applies remote changes: the first copy of the note.
+    let mut engine = EngineConfig::peer(PeerId::random(), None);
+    engine.cost_clock = Some(CostClock(Arc::new(|| panic!("injected engine bug"))));
+    let victim = Repo::temporary(RepoConfig {
+        engine: Some(engine),
+        find_timeout: WAIT,
+        ..RepoConfig::default()
+    })
+    .unwrap();
+    let mut state = victim.connect(&url).unwrap();
+    timeout(WAIT, state.wait_for(|s| *s == ConnectionState::Connected))
+        .await
+        .unwrap()
+        .unwrap();
+    let found = victim.find(h.id()).await;
+    assert!(found.is_err(), "a dead engine found the note");
+    let stop = timeout(WAIT, victim.engine_stopped()).await.unwrap();
+    assert!(matches!(stop, EngineStop::Panicked(_)), "{stop:?}");
+    timeout(WAIT, state.wait_for(|s| *s == ConnectionState::Stopped))
+        .await
+        .expect("the connection stops")
+        .unwrap();
+    // And stays stopped: no more dialing (the first retry would come within 100 ms).
+    sleep(Duration::from_millis(500)).await;
+    assert_eq!(*state.borrow(), ConnectionState::Stopped);
+}

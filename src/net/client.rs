@@ -159,6 +159,9 @@ pub enum ConnectionState {
     Offline {
         retry_in: Duration,
     },
+    /// Not connected and not trying again: the connection was ended (the repo shut down,
+    /// its `Connection` dropped) or the repo's engine stopped (see `Repo::engine_stopped`).
+    Stopped,
 }
 
 /// Exponential backoff with jitter.
@@ -228,6 +231,11 @@ pub fn spawn_reconnecting(
         let mut cancel = shutdown.clone();
         let mut attempt: u32 = 0;
         while !cancel.is_shutdown() {
+            // A hub whose engine is gone would drop every socket we hand it.
+            if let Err(why) = hub.health() {
+                warn!(url, %why, "not reconnecting");
+                break;
+            }
             state_tx.send_replace(ConnectionState::Connecting);
             match dial(&url, hub.clone(), &config, shutdown.clone()).await {
                 Ok(dialed) => {
@@ -254,6 +262,7 @@ pub fn spawn_reconnecting(
                 _ = cancel.recv() => break,
             }
         }
+        state_tx.send_replace(ConnectionState::Stopped);
     })
 }
 
