@@ -52,7 +52,8 @@
 //! in about 34 ms (its change graph), against 78 ms for the same apply: in the engine bench
 //! (b, T1 K = 16) the holder's one apply went from 0.98-1.25x a bare `load_incremental` to
 //! 2.6x. Recovering a failed apply from storage instead of a copy would remove that; not
-//! done yet. The checks need unwinding: a build with `panic = "abort"` loses 1.
+//! done yet. The checks need unwinding: a build with `panic = "abort"` loses 1 (a repo built so
+//! warns when it starts).
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};

@@ -150,6 +150,12 @@ pub(super) fn spawn(
                 carry: Vec::new(),
                 local_step_cost: Duration::ZERO,
             };
+            #[cfg(panic = "abort")]
+            tracing::warn!(
+                "built with panic = \"abort\": a change forged by a peer that makes Automerge \
+                 panic aborts this process instead of being rejected (see engine::admit); \
+                 build with panic = \"unwind\" to serve untrusted peers"
+            );
             // A panic here is a bug in sheaf, and it leaves the engine in an unknown state:
             // stop (dropping every connection and reply, so callers see an error instead of
             // waiting forever) and say so, rather than limp on. What the store acknowledged
