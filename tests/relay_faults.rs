@@ -635,8 +635,12 @@ async fn a_peer_whose_engine_panicked_stops_reconnecting() {
         .await
         .unwrap()
         .unwrap();
-    let found = victim.find(h.id()).await;
-    assert!(found.is_err(), "a dead engine found the note");
+    // The find that made it panic is answered with the reason.
+    match victim.find(h.id()).await {
+        Err(sheafdb::RepoError::EngineFailed(why)) => assert!(why.contains("injected")),
+        Err(e) => panic!("another error: {e}"),
+        Ok(_) => panic!("a dead engine found the note"),
+    }
     let stop = timeout(WAIT, victim.engine_stopped()).await.unwrap();
     assert!(matches!(stop, EngineStop::Panicked(_)), "{stop:?}");
     timeout(WAIT, state.wait_for(|s| *s == ConnectionState::Stopped))

@@ -161,12 +161,6 @@ pub(super) fn spawn(
             // waiting forever) and say so, rather than limp on. What the store acknowledged
             // is durable; nothing else was ever reported saved.
             let outcome = catch_unwind(AssertUnwindSafe(|| d.run(rx)));
-            // (`run` joins these as it ends; after a panic they end once `d` is gone.)
-            let threads = std::mem::take(&mut d.threads);
-            drop(d);
-            for t in threads {
-                let _ = t.join();
-            }
             let stop = match outcome {
                 Ok(()) => super::EngineStop::Shutdown,
                 Err(payload) => {
@@ -175,7 +169,14 @@ pub(super) fn spawn(
                     super::EngineStop::Panicked(why)
                 }
             };
+            // Said before the replies below are dropped, so their callers get the reason.
             stopped.send_replace(Some(stop));
+            // (`run` joins these as it ends; after a panic they end once `d` is gone.)
+            let threads = std::mem::take(&mut d.threads);
+            drop(d);
+            for t in threads {
+                let _ = t.join();
+            }
         })
         .expect("spawn the driver thread")
 }

@@ -181,7 +181,7 @@ impl DocHandle {
         self.repo
             .inner
             .send(Cmd::WaitSaved { id: self.id, reply })?;
-        rx.await.map_err(|_| RepoError::Closed)?
+        rx.await.map_err(|_| self.repo.inner.closed())?
     }
 
     /// Fold the note's stored chunks into one snapshot now (the store also does this on its
@@ -198,7 +198,7 @@ impl DocHandle {
         })
         .await
         .map_err(|_| RepoError::Closed)?;
-        rx.await.map_err(|_| RepoError::Closed)??;
+        rx.await.map_err(|_| self.repo.inner.closed())??;
         Ok(())
     }
 

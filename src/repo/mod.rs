@@ -320,7 +320,7 @@ impl Repo {
         let id = DocumentId::random();
         let (reply, rx) = oneshot::channel();
         self.inner.send(Cmd::Create { id, doc, reply })?;
-        let shared = rx.await.map_err(|_| RepoError::Closed)??;
+        let shared = rx.await.map_err(|_| self.inner.closed())??;
         Ok(DocHandle::new(self.clone(), id, shared))
     }
 
@@ -336,7 +336,7 @@ impl Repo {
         match answer {
             Ok(Ok(Ok(shared))) => Ok(DocHandle::new(self.clone(), id, shared)),
             Ok(Ok(Err(e))) => Err(e),
-            Ok(Err(_)) => Err(RepoError::Closed),
+            Ok(Err(_)) => Err(self.inner.closed()),
             Err(_) => {
                 // Let the runtime forget it (the reply channel is dropped by now), or a
                 // document nobody has would stay in memory, asked for, forever.
@@ -370,7 +370,7 @@ impl Repo {
     pub async fn flush(&self) -> Result<(), RepoError> {
         let (reply, rx) = oneshot::channel();
         self.inner.send(Cmd::Flush { reply })?;
-        rx.await.map_err(|_| RepoError::Closed)?
+        rx.await.map_err(|_| self.inner.closed())?
     }
 
     /// Peers currently connected (handshake done).
