@@ -651,3 +651,68 @@ async fn a_peer_whose_engine_panicked_stops_reconnecting() {
     sleep(Duration::from_millis(500)).await;
     assert_eq!(*state.borrow(), ConnectionState::Stopped);
 }
+
+// ---------------------------------------------------------------------------------------
+// A disk that fails
+
+/// When the relay's storage fails (here a write over the file-size limit, as a full disk
+/// fails), the relay neither hangs nor limps on acknowledging nothing: it exits with an
+/// error, and what it acknowledged before is intact when it is started again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_whose_storage_fails_exits_and_keeps_what_it_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    // 512 KiB (or 1 MiB where sh is bash): the small note fits, the big one does not.
+    let relay = RelayProc::start_with_file_limit(dir.path(), 1024).await;
+    let writer = peer_repo();
+    writer.connect(&relay.url()).unwrap();
+    let small = writer.create().await.unwrap();
+    append(&small, "kept");
+    acknowledged(&small).await;
+
+    // About 1.5 MB that does not compress: stored as one value over the limit.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let alphabet: Vec<char> = ('0'..='9').chain('a'..='z').chain('A'..='Z').collect();
+    let noise: String = (0..2_000_000)
+        .map(|_| alphabet[rng.gen_range(0..alphabet.len())])
+        .collect();
+    let big = writer.create().await.unwrap();
+    acknowledged(&big).await;
+    append(&big, &noise);
+    // From here on `Synced` would mean the relay acknowledged the noise it cannot store.
+    let mut status = big.sync_status();
+    let acked = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = acked.clone();
+    let watcher = tokio::spawn(async move {
+        while status.changed().await.is_ok() {
+            if status
+                .borrow()
+                .values()
+                .any(|s| *s == PeerSyncStatus::Synced)
+            {
+                flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    });
+
+    let mut relay = relay;
+    let exit = timeout(Duration::from_secs(60), relay.child.wait())
+        .await
+        .expect("the relay exits once its storage fails (it must not hang)")
+        .unwrap();
+    assert!(
+        !exit.success(),
+        "a relay that cannot store exits with an error: {exit}"
+    );
+    watcher.abort();
+    assert!(
+        !acked.load(std::sync::atomic::Ordering::SeqCst),
+        "the relay acknowledged a change it could not store"
+    );
+
+    let relay = RelayProc::start(dir.path(), 0, &[]).await;
+    let reader = peer_repo();
+    reader.connect(&relay.url()).unwrap();
+    let h = reader.find(small.id()).await.unwrap();
+    wait_json(&h, &serde_json::json!({ "text": "kept" })).await;
+    relay.terminate().await;
+}

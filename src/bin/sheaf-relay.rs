@@ -249,9 +249,9 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     tracing::info!(%addr, data_dir = %args.data_dir.display(), peer = %repo.peer_id(), "sheaf-relay serving");
     println!("sheaf-relay listening on ws://{addr}");
 
-    // Stop on SIGINT/SIGTERM, or when the engine dies (a bug): a relay whose engine is gone
-    // would accept sockets only to drop them. Exiting with an error lets a supervisor
-    // restart it on the same data.
+    // Stop on SIGINT/SIGTERM, or when the engine stops on its own (a bug, or storage that can
+    // no longer write): such a relay would accept sockets only to drop them, or acknowledge
+    // nothing. Exiting with an error lets a supervisor restart it on the same data.
     let engine = repo.clone();
     let stop = async move {
         tokio::select! {
@@ -260,14 +260,16 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         }
     };
     sheafdb::relay::run(listener, repo.hub(), server, stop).await?;
-    if let Some(EngineStop::Panicked(why)) = repo.engine_stop() {
-        tracing::error!("the sync engine panicked; flushing storage and exiting");
+    if let Some(stop @ (EngineStop::Panicked(_) | EngineStop::StorageFailed(_))) =
+        repo.engine_stop()
+    {
+        tracing::error!(reason = %stop, "the sync engine stopped; flushing storage and exiting");
         let flushed =
             tokio::task::spawn_blocking(move || repo.shutdown().map_err(anyhow::Error::from)).await;
         if let Ok(Err(e)) = flushed {
             tracing::error!(error = %e, "flushing storage failed");
         }
-        bail!("the sync engine panicked: {why}");
+        bail!("the sync engine {stop}");
     }
     tracing::info!("shutting down: flushing storage");
     let r =

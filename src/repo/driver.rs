@@ -149,6 +149,7 @@ pub(super) fn spawn(
                 compacting: Arc::new(parking_lot::Mutex::new(HashSet::new())),
                 carry: Vec::new(),
                 local_step_cost: Duration::ZERO,
+                stop: None,
             };
             #[cfg(panic = "abort")]
             tracing::warn!(
@@ -162,7 +163,7 @@ pub(super) fn spawn(
             // is durable; nothing else was ever reported saved.
             let outcome = catch_unwind(AssertUnwindSafe(|| d.run(rx)));
             let stop = match outcome {
-                Ok(()) => super::EngineStop::Shutdown,
+                Ok(()) => d.stop.take().unwrap_or(super::EngineStop::Shutdown),
                 Err(payload) => {
                     let why = crate::engine::admit::panic_message(payload.as_ref());
                     tracing::error!(panic = %why, "the sync engine panicked; it has stopped");
@@ -239,6 +240,8 @@ struct Driver {
     carry: Vec<Input>,
     /// What the last batch of nothing but local edits took to step (see `local_debounce`).
     local_step_cost: Duration,
+    /// Why `run` stopped, when not asked to.
+    stop: Option<super::EngineStop>,
 }
 
 impl Driver {
@@ -304,6 +307,15 @@ impl Driver {
                             self.durable.insert(*doc, *seq);
                             self.save_dirty.insert(*doc);
                             self.maybe_compact(*doc, false);
+                        }
+                        if let Input::Persisted { ok: false, .. } = &i {
+                            if let Some(why) = self.store.failure() {
+                                // Nothing can be saved, so nothing can be sent (peers only get
+                                // what is durable): stop, as for a panic, so that it shows.
+                                tracing::error!(error = %why, "storage failed; the sync engine stops");
+                                self.stop = Some(super::EngineStop::StorageFailed(why));
+                                running = false;
+                            }
                         }
                         if let Input::Loaded {
                             doc,

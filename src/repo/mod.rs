@@ -154,6 +154,10 @@ pub enum EngineStop {
     /// connections are closed and every call fails with [`RepoError::EngineFailed`]. Restart
     /// it (a relay exits with an error so that its supervisor does).
     Panicked(String),
+    /// The store can no longer write (see [`crate::store::Store::failure`]: a full disk, an
+    /// I/O error): nothing could be saved, or sent, since peers only get what is durable.
+    /// Stopped like a panic; calls fail with [`crate::store::StoreError::Poisoned`].
+    StorageFailed(String),
 }
 
 impl std::fmt::Display for EngineStop {
@@ -161,6 +165,7 @@ impl std::fmt::Display for EngineStop {
         match self {
             EngineStop::Shutdown => f.write_str("shut down"),
             EngineStop::Panicked(why) => write!(f, "panicked: {why}"),
+            EngineStop::StorageFailed(why) => write!(f, "stopped: storage failed: {why}"),
         }
     }
 }
@@ -194,6 +199,9 @@ impl Inner {
     pub(crate) fn closed(&self) -> RepoError {
         match &*self.stopped.borrow() {
             Some(EngineStop::Panicked(why)) => RepoError::EngineFailed(why.clone()),
+            Some(EngineStop::StorageFailed(why)) => {
+                RepoError::Store(crate::store::StoreError::Poisoned(why.clone()))
+            }
             _ => RepoError::Closed,
         }
     }
@@ -570,6 +578,9 @@ impl Hub for RepoHub {
         let Some(inner) = self.inner.upgrade() else {
             return Err("the repo is closed".into());
         };
+        if let Some(why) = inner.store.failure() {
+            return Err(format!("storage failed: {why}"));
+        }
         let stop = inner.stopped.borrow().clone();
         match stop {
             None => Ok(()),

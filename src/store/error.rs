@@ -27,9 +27,11 @@ pub enum StoreError {
     /// A write batch failed; every request in the batch receives the same error.
     #[error("write batch failed: {0}")]
     BatchFailed(Arc<StoreError>),
-    /// An earlier flush or fsync failed. After a failed fsync the kernel may have dropped the
-    /// dirty pages, so nothing written later can be promised durable: reopen the store.
-    #[error("store is unusable after an earlier write failure ({0}); reopen it")]
+    /// An earlier write, flush or fsync failed. After a failed fsync the kernel may have
+    /// dropped the dirty pages, and sled after a failed write waits forever on its next flush,
+    /// so nothing written later can be promised durable. The database stays open (and locked)
+    /// until the process exits: restart it to open the store again.
+    #[error("store is unusable after an earlier write failure ({0}); restart to reopen it")]
     Poisoned(String),
 }
 

@@ -80,6 +80,8 @@ struct Inner {
     config: StoreConfig,
     tx: Mutex<Option<Sender<Request>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
+    /// Why the writer stopped writing, once it has (see [`Store::failure`]).
+    failure: Arc<std::sync::OnceLock<String>>,
 }
 
 /// How long [`Store::open`] retries a directory whose lock is held.
@@ -134,6 +136,7 @@ impl Store {
         let docs = db.open_tree("docs")?;
         let quarantine = db.open_tree("quarantine")?;
         let sizes = Arc::new(SizeTable::default());
+        let failure = Arc::new(std::sync::OnceLock::new());
         let (tx, rx) = mpsc::channel();
         let writer = Writer {
             db,
@@ -144,6 +147,7 @@ impl Store {
             counters: counters.clone(),
             config: config.clone(),
             poisoned: None,
+            failure: failure.clone(),
         };
         let handle = std::thread::Builder::new()
             .name("sheaf-store-writer".into())
@@ -159,8 +163,17 @@ impl Store {
                 config,
                 tx: Mutex::new(Some(tx)),
                 writer: Mutex::new(Some(handle)),
+                failure,
             }),
         })
+    }
+
+    /// Why this store can no longer write, once that has happened: a failed flush or fsync,
+    /// or an I/O error inside sled (a full disk, a file over its size limit), after which
+    /// nothing written could be promised durable. Every later write fails with
+    /// [`StoreError::Poisoned`]; reopening the store is the way back.
+    pub fn failure(&self) -> Option<String> {
+        self.inner.failure.get().cloned()
     }
 
     /// Ids of every stored document, read from the index (no document is loaded).

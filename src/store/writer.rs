@@ -8,8 +8,13 @@
 //! flush and one fsync: the more of them there are, the bigger the batches.
 //!
 //! A failed flush or fsync poisons the writer: after a failed fsync the kernel may have dropped
-//! the dirty pages, so no later write could honestly be called durable. Every later request
-//! fails with [`StoreError::Poisoned`] until the store is reopened.
+//! the dirty pages, so no later write could honestly be called durable. So does any error from
+//! sled while writing (a full disk, a file over its size limit): sled 0.34 has then reserved
+//! log space it will never fill, and its next `flush()` waits for it forever (seen with a
+//! file-size limit: the writer hung in `flush`, and every `saved()`, the repo's shutdown and
+//! the relay's SIGTERM with it). Every later request fails with [`StoreError::Poisoned`],
+//! [`super::Store::failure`] says why (a repo stops its engine on it), and the database is
+//! kept open to the end of the process, since dropping a sled tree flushes it too.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc::Receiver;
@@ -33,6 +38,20 @@ pub(crate) struct Request {
     pub done: Callback,
 }
 
+/// Whether `e` leaves sled unable to write: an I/O error, corruption or a bug it reports,
+/// from reading or writing. A refused operation (`Unsupported`, `CollectionNotFound`) does not.
+fn wedges_sled(e: &StoreError) -> bool {
+    match e {
+        StoreError::Sled(e) => !matches!(
+            e,
+            sled::Error::Unsupported(_) | sled::Error::CollectionNotFound(_)
+        ),
+        StoreError::BatchFailed(e) => wedges_sled(e),
+        StoreError::Io { .. } | StoreError::Poisoned(_) => true,
+        StoreError::Locked { .. } | StoreError::Closed => false,
+    }
+}
+
 pub(crate) struct Writer {
     pub db: sled::Db,
     pub data: sled::Tree,
@@ -42,6 +61,8 @@ pub(crate) struct Writer {
     pub counters: Arc<Counters>,
     pub config: StoreConfig,
     pub poisoned: Option<String>,
+    /// Set once with the reason when the writer is poisoned, for [`super::Store::failure`].
+    pub failure: Arc<std::sync::OnceLock<String>>,
 }
 
 impl Committed for Writer {
@@ -114,6 +135,23 @@ impl Writer {
         } else {
             self.commit(&plan, &mut lap)
         };
+        if let Err(e) = &result {
+            // sled after an error in its write path is wedged: a write that reserved space in
+            // its log and failed (a full disk, a file over the size limit) leaves a hole that
+            // its next `flush()` waits on forever. Nothing can be written any more.
+            if self.poisoned.is_none() && wedges_sled(e) {
+                self.poisoned = Some(e.to_string());
+            }
+            if let Some(p) = &self.poisoned {
+                if self.failure.set(p.clone()).is_ok() {
+                    // Each sled tree flushes when its last handle is dropped, and a flush of a
+                    // wedged log waits forever: closing the store would hang the process. Keep
+                    // the database alive to the end of the process instead (its lock too: a
+                    // poisoned store is reopened by a new process).
+                    std::mem::forget(self.db.clone());
+                }
+            }
+        }
 
         match &result {
             Ok(()) => {

@@ -402,7 +402,29 @@ impl RelayProc {
     /// Start the binary on `127.0.0.1:port` (0 = any free port: the binary prints the port it
     /// chose) with `data_dir` and extra flags, and wait until it listens.
     pub async fn start(data_dir: &Path, port: u16, extra: &[&str]) -> RelayProc {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sheaf-relay"));
+        Self::spawn(
+            Command::new(env!("CARGO_BIN_EXE_sheaf-relay")),
+            data_dir,
+            port,
+            extra,
+        )
+        .await
+    }
+
+    /// [`RelayProc::start`] under `ulimit -f blocks` with SIGXFSZ ignored: a write past the
+    /// limit fails with EFBIG, as one on a full disk fails with ENOSPC. (`sh` counts blocks
+    /// of 512 bytes, bash of 1024.)
+    pub async fn start_with_file_limit(data_dir: &Path, blocks: u64) -> RelayProc {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(r#"trap '' XFSZ; ulimit -f "$1"; shift; exec "$@""#)
+            .arg("sh")
+            .arg(blocks.to_string())
+            .arg(env!("CARGO_BIN_EXE_sheaf-relay"));
+        Self::spawn(cmd, data_dir, 0, &[]).await
+    }
+
+    async fn spawn(mut cmd: Command, data_dir: &Path, port: u16, extra: &[&str]) -> RelayProc {
         cmd.arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
             .arg("--data-dir")
