@@ -487,3 +487,29 @@ async fn sync_fetches_notes_by_url_from_the_relay() {
     let e = failed_with(sheaf_async(&dir, &["sync", "--relay", &relay_url, "nope"]).await);
     assert!(e.contains("not a note URL"), "{e}");
 }
+
+/// `sheaf cat ... | head`: a reader that goes away is not a crash. The command stops
+/// quietly and the store is closed properly (it opens again).
+#[test]
+fn a_closed_stdout_ends_the_command_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = ok(sheaf(dir.path(), &["new", "--title", "piped"]));
+    let url = url.trim();
+    for args in [vec!["cat", url], vec!["ls"]] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sheaf"))
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The read end is closed before the command gets to print anything.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?}: {} {err}", out.status);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+    assert!(ok(sheaf(dir.path(), &["ls"])).contains(url));
+}

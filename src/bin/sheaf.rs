@@ -78,6 +78,22 @@ enum Cmd {
     Import { file: PathBuf },
 }
 
+/// `print!` / `println!` to stdout that return an error instead of panicking when stdout is
+/// closed (`sheaf cat ... | head`): the command stops there, the store is still closed
+/// properly, and `main` exits quietly.
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        write!(std::io::stdout(), $($t)*)?
+    }};
+}
+macro_rules! outln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout(), $($t)*)?
+    }};
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -99,12 +115,21 @@ fn main() -> ExitCode {
     };
     match rt.block_on(run(args)) {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader of our output went away (`| head`): nothing to report.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             // one line: the error and its causes
             eprintln!("sheaf: {}", format!("{e:#}").replace('\n', " "));
             ExitCode::FAILURE
         }
     }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -133,7 +158,7 @@ async fn command(repo: &Repo, cmd: Cmd) -> anyhow::Result<()> {
                 h.change(|tx| tx.put(ROOT, "title", t))?;
             }
             h.saved().await?;
-            println!("{}", h.url());
+            outln!("{}", h.url());
         }
         Cmd::Ls => {
             let mut ids = repo.list()?;
@@ -141,8 +166,8 @@ async fn command(repo: &Repo, cmd: Cmd) -> anyhow::Result<()> {
             for id in ids {
                 let h = repo.find(id).await?;
                 match h.with_doc(title) {
-                    Some(t) => println!("{}\t{t}", h.url()),
-                    None => println!("{}", h.url()),
+                    Some(t) => outln!("{}\t{t}", h.url()),
+                    None => outln!("{}", h.url()),
                 }
             }
         }
@@ -160,9 +185,9 @@ async fn command(repo: &Repo, cmd: Cmd) -> anyhow::Result<()> {
                             None => d.text(&t)?,
                         })
                     })?;
-                    print!("{s}");
+                    out!("{s}");
                     if !s.ends_with('\n') {
-                        println!();
+                        outln!();
                     }
                 }
                 None => {
@@ -170,7 +195,7 @@ async fn command(repo: &Repo, cmd: Cmd) -> anyhow::Result<()> {
                         Some(hd) => h.json_at(hd)?,
                         None => h.to_json(),
                     };
-                    println!("{}", serde_json::to_string_pretty(&v)?);
+                    outln!("{}", serde_json::to_string_pretty(&v)?);
                 }
             }
         }
@@ -179,7 +204,7 @@ async fn command(repo: &Repo, cmd: Cmd) -> anyhow::Result<()> {
             let (h, _) = open(repo, &url).await?;
             for c in h.history() {
                 let deps: Vec<String> = c.deps.iter().map(|d| short(&d.to_string())).collect();
-                print!(
+                out!(
                     "{} actor={} seq={} time={} ops={} deps=[{}]",
                     c.hash,
                     short(&c.actor),
@@ -189,8 +214,8 @@ async fn command(repo: &Repo, cmd: Cmd) -> anyhow::Result<()> {
                     deps.join(",")
                 );
                 match &c.message {
-                    Some(m) => println!(" {m}"),
-                    None => println!(),
+                    Some(m) => outln!(" {m}"),
+                    None => outln!(),
                 }
             }
         }
@@ -224,7 +249,7 @@ async fn command(repo: &Repo, cmd: Cmd) -> anyhow::Result<()> {
                 std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             let h = import(repo, &file, &bytes).await?;
             h.saved().await?;
-            println!("{}", h.url());
+            outln!("{}", h.url());
         }
     }
     Ok(())
@@ -537,6 +562,6 @@ async fn sync(repo: &Repo, relay: &str, notes: &[String], timeout: Duration) -> 
         let _ = tokio::time::timeout(Duration::from_millis(100), rx.changed()).await;
     }
     repo.flush().await?;
-    println!("synced {total} notes");
+    outln!("synced {total} notes");
     Ok(())
 }
