@@ -401,8 +401,8 @@ mod tests {
     }
 
     /// `apply` of `batch` with no lineage known yet.
-    fn admit(note: &mut Automerge, batch: Vec<Change>) -> Result<(), AdmitError> {
-        apply(note, &mut Lineage::default(), Batch::Changes(batch), None)
+    fn admit(note: &mut Automerge, batch: Batch<'_>) -> Result<(), AdmitError> {
+        apply(note, &mut Lineage::default(), batch, None)
     }
 
     /// The note still works: its save loads to the same heads, and an honest change applies.
@@ -410,7 +410,7 @@ mod tests {
         assert_eq!(note.get_heads(), heads);
         let reloaded = Automerge::load(&note.save()).unwrap();
         assert_eq!(reloaded.get_heads(), heads);
-        admit(note, vec![honest.clone()]).unwrap();
+        admit(note, Batch::Changes(vec![honest.clone()])).unwrap();
         assert_eq!(note.get_heads(), vec![honest.hash()]);
     }
 
@@ -421,7 +421,7 @@ mod tests {
         // The peer's first change claiming to be its second: Automerge 0.12 registers an
         // actor only from a seq-1 change, then unwraps its lookup.
         let forged = forge(&changes[0], |e| e.seq = 2);
-        let err = admit(&mut note, vec![forged]).unwrap_err();
+        let err = admit(&mut note, Batch::Changes(vec![forged])).unwrap_err();
         assert!(matches!(err, AdmitError::Panicked(_)), "{err}");
         assert_intact(&mut note, &heads, &changes[0]);
     }
@@ -437,7 +437,7 @@ mod tests {
         assert_automerge_alone_breaks(&note, std::slice::from_ref(&forged));
         let mut admitted = note.clone();
         // Caught by the rebuild (which panics on it, inside the trial).
-        let err = admit(&mut admitted, vec![forged]).unwrap_err();
+        let err = admit(&mut admitted, Batch::Changes(vec![forged])).unwrap_err();
         assert!(
             matches!(err, AdmitError::Unsound(_) | AdmitError::Panicked(_)),
             "{err}"
@@ -455,7 +455,7 @@ mod tests {
         let batch = vec![changes[0].clone(), forged];
         assert_automerge_alone_breaks(&note, &batch);
         let mut admitted = note.clone();
-        let err = admit(&mut admitted, batch).unwrap_err();
+        let err = admit(&mut admitted, Batch::Changes(batch)).unwrap_err();
         assert!(matches!(err, AdmitError::Unsound(_)), "{err}");
         assert_intact(&mut admitted, &heads, &changes[0]);
     }
@@ -466,22 +466,10 @@ mod tests {
         let mut bytes = note.save();
         bytes.extend_from_slice(forge(&changes[0], |e| e.seq = 2).raw_bytes());
         let mut empty = Automerge::new();
-        assert!(apply(
-            &mut empty,
-            &mut Lineage::default(),
-            Batch::Bytes(&bytes),
-            None
-        )
-        .is_err());
+        assert!(admit(&mut empty, Batch::Bytes(&bytes)).is_err());
         assert!(empty.get_heads().is_empty());
         // The same copy without the forgery is a first copy like any other.
-        apply(
-            &mut empty,
-            &mut Lineage::default(),
-            Batch::Bytes(&note.save()),
-            None,
-        )
-        .unwrap();
+        admit(&mut empty, Batch::Bytes(&note.save())).unwrap();
         assert_eq!(empty.get_heads(), note.get_heads());
     }
 
@@ -494,13 +482,7 @@ mod tests {
         damaged[last] ^= 0x55;
         bytes.extend_from_slice(&damaged);
         let mut empty = Automerge::new();
-        assert!(apply(
-            &mut empty,
-            &mut Lineage::default(),
-            Batch::Bytes(&bytes),
-            None
-        )
-        .is_err());
+        assert!(admit(&mut empty, Batch::Bytes(&bytes)).is_err());
         assert!(empty.get_heads().is_empty());
     }
 
