@@ -146,7 +146,6 @@ impl Store {
             sizes: sizes.clone(),
             counters: counters.clone(),
             config: config.clone(),
-            poisoned: None,
             failure: failure.clone(),
         };
         let handle = std::thread::Builder::new()

@@ -60,8 +60,7 @@ pub(crate) struct Writer {
     pub sizes: Arc<SizeTable>,
     pub counters: Arc<Counters>,
     pub config: StoreConfig,
-    pub poisoned: Option<String>,
-    /// Set once with the reason when the writer is poisoned, for [`super::Store::failure`].
+    /// Why the writer is poisoned, once it is (shared with [`super::Store::failure`]).
     pub failure: Arc<std::sync::OnceLock<String>>,
 }
 
@@ -88,6 +87,17 @@ impl Committed for Writer {
 }
 
 impl Writer {
+    /// No write from now on (see the module docs); the first reason given is kept.
+    fn poison(&self, why: String) {
+        if self.failure.set(why).is_ok() {
+            // Each sled tree flushes when its last handle is dropped, and a flush of a wedged
+            // log waits forever: closing the store would hang the process. Keep the database
+            // alive to the end of the process instead (its lock too: a poisoned store is
+            // reopened by a new process).
+            std::mem::forget(self.db.clone());
+        }
+    }
+
     pub fn run(mut self, rx: Receiver<Request>) {
         while let Ok(first) = rx.recv() {
             let mut ops = first.ops.len();
@@ -116,7 +126,7 @@ impl Writer {
         let mut build_err = None;
         for req in group {
             callbacks.push(req.done);
-            if build_err.is_some() || self.poisoned.is_some() {
+            if build_err.is_some() || self.failure.get().is_some() {
                 continue;
             }
             for op in req.ops {
@@ -128,7 +138,7 @@ impl Writer {
         }
         plan.finish();
 
-        let result = if let Some(p) = &self.poisoned {
+        let result = if let Some(p) = self.failure.get() {
             Err(StoreError::Poisoned(p.clone()))
         } else if let Some(e) = build_err {
             Err(StoreError::BatchFailed(Arc::new(e)))
@@ -139,17 +149,8 @@ impl Writer {
             // sled after an error in its write path is wedged: a write that reserved space in
             // its log and failed (a full disk, a file over the size limit) leaves a hole that
             // its next `flush()` waits on forever. Nothing can be written any more.
-            if self.poisoned.is_none() && wedges_sled(e) {
-                self.poisoned = Some(e.to_string());
-            }
-            if let Some(p) = &self.poisoned {
-                if self.failure.set(p.clone()).is_ok() {
-                    // Each sled tree flushes when its last handle is dropped, and a flush of a
-                    // wedged log waits forever: closing the store would hang the process. Keep
-                    // the database alive to the end of the process instead (its lock too: a
-                    // poisoned store is reopened by a new process).
-                    std::mem::forget(self.db.clone());
-                }
+            if wedges_sled(e) {
+                self.poison(e.to_string());
             }
         }
 
@@ -230,7 +231,7 @@ impl Writer {
             r
         });
         if let Err(e) = &synced {
-            self.poisoned = Some(e.to_string());
+            self.poison(e.to_string());
         }
         synced
     }
