@@ -508,25 +508,6 @@ async fn sync_status_shows_the_relay_leaving_and_coming_back() {
 // ---------------------------------------------------------------------------------------
 // A bug in the engine
 
-/// `GET path` on `addr`: the status code and the body.
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut tcp = TcpStream::connect(addr).await.unwrap();
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    tcp.write_all(req.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    timeout(WAIT, tcp.read_to_end(&mut raw))
-        .await
-        .expect("an HTTP answer in time")
-        .unwrap();
-    let text = String::from_utf8(raw).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").expect("a whole response");
-    (
-        head.split(' ').nth(1).unwrap().parse().unwrap(),
-        body.to_owned(),
-    )
-}
-
 /// A panic in the relay's engine (a bug; injected here through the engine's clock, which it
 /// reads when it applies remote changes) stops the repo instead of leaving a relay that
 /// accepts sockets only to drop them: `engine_stopped` says why, `/health` answers 503,
@@ -565,7 +546,8 @@ async fn an_engine_panic_stops_the_repo_fails_health_and_loses_nothing_acknowled
             let _ = stopped.await;
         },
     ));
-    assert_eq!(http_get(addr, "/health").await, (200, "ok".into()));
+    let (status, _, body) = common::http(addr, "GET", "/health").await;
+    assert_eq!((status, body.as_str()), (200, "ok"));
 
     let peer = peer_repo();
     peer.connect(&format!("ws://{addr}")).unwrap();
@@ -583,7 +565,7 @@ async fn an_engine_panic_stops_the_repo_fails_health_and_loses_nothing_acknowled
         EngineStop::Panicked(why) => assert!(why.contains("injected engine bug"), "{why}"),
         other => panic!("stopped for another reason: {other:?}"),
     }
-    let (status, body) = http_get(addr, "/health").await;
+    let (status, _, body) = common::http(addr, "GET", "/health").await;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("injected engine bug"), "{body}");
     match relay.find(h.id()).await {

@@ -1,12 +1,15 @@
 //! The relay server and dialer against a mock hub, over real sockets on 127.0.0.1:0.
 //! Every wait is bounded in time (see `WAIT`) and every loop in count.
 
+mod common;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::http;
 use futures::{SinkExt, StreamExt};
 use parking_lot::Mutex;
 use sheafdb::net::client::{
@@ -17,7 +20,7 @@ use sheafdb::net::{ConnId, ConnInfo, Direction, Hub, Outgoing};
 use sheafdb::protocol::{self, Message};
 use sheafdb::relay::{self, Metrics, ServerConfig, SocketConfig, LIMIT_REASON};
 use sheafdb::{DocumentId, PeerId};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -180,21 +183,6 @@ async fn next_close(ws: &mut Ws) -> CloseFrame<'static> {
 }
 
 /// A raw HTTP/1.1 request; returns (status code, headers, body).
-async fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String, String) {
-    let mut tcp = TcpStream::connect(addr).await.unwrap();
-    let req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    tcp.write_all(req.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    timeout(WAIT, tcp.read_to_end(&mut raw))
-        .await
-        .expect("response in time")
-        .unwrap();
-    let text = String::from_utf8(raw).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").expect("a full response");
-    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    (status, head.to_owned(), body.to_owned())
-}
-
 fn sample_sync() -> Message {
     Message::Sync {
         sender_id: PeerId::new("server-peer"),

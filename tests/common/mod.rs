@@ -660,6 +660,24 @@ impl JsProc {
     }
 }
 
+/// `method path` over plain HTTP to `addr` (the relay's `/health`, `/metrics`): the status
+/// code, the head and the body.
+pub async fn http(addr: std::net::SocketAddr, method: &str, path: &str) -> (u16, String, String) {
+    use tokio::io::AsyncReadExt;
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    timeout(WAIT, tcp.read_to_end(&mut raw))
+        .await
+        .expect("response in time")
+        .unwrap();
+    let text = String::from_utf8(raw).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").expect("a full response");
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, head.to_owned(), body.to_owned())
+}
+
 /// A relay `Repo` (temporary store) served by `sheafdb::relay::run` on 127.0.0.1:0: its
 /// `ws://` URL, the repo, and a sender that stops the server when dropped or sent.
 pub async fn in_process_relay() -> (String, sheafdb::Repo, tokio::sync::oneshot::Sender<()>) {
