@@ -21,7 +21,9 @@
 //!    delivered/expected (every edit must reach the K-1 others) and relay CPU.
 //! 3. **long**: K clients typing one character at a random place, 10 keystrokes/s each, into
 //!    the text of the T2 note (~260k text ops, where one remote apply costs ~25 ms). Same
-//!    figures. Then K JS automerge-repo clients (`tests/js/typists.mjs`, one Node process
+//!    figures. Meanwhile (once per K) two more clients edit a small note through the same
+//!    relay, 10 times a second each (row 3b): what the hot note costs the relay's other
+//!    notes. Then K JS automerge-repo clients (`tests/js/typist.mjs`, one Node process
 //!    each) doing the same, if `node` and `tests/js/node_modules` are there (else SKIP).
 //! 4. **rss**: 10,000 small notes, each created and uploaded by a short-lived client, then
 //!    fetched once by another (connect, find, disconnect); the relay's RSS and loaded
@@ -734,6 +736,58 @@ async fn clients_on(url: &str, id: DocumentId, k: usize) -> (Vec<Repo>, Vec<DocH
     (repos, handles)
 }
 
+/// Two clients on a new small note at `url`, on a runtime and thread of their own: once
+/// they are set up (`set_up`), they type at 10 edits/s each from `go` for `duration`.
+fn spawn_bystanders(
+    url: String,
+    relay_pid: u32,
+    duration: Duration,
+    drain: Duration,
+    go: tokio::sync::oneshot::Receiver<()>,
+) -> (
+    tokio::sync::oneshot::Receiver<()>,
+    std::thread::JoinHandle<TypingResult>,
+) {
+    let (set_up_tx, set_up) = tokio::sync::oneshot::channel();
+    let thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let creator = client(&url).await;
+            let note = creator.create().await.expect("create");
+            upload(&note).await;
+            let id = note.id();
+            drop(note);
+            drop_repos(vec![creator]).await;
+            let (repos, handles) = clients_on(&url, id, 2).await;
+            let _ = set_up_tx.send(());
+            let _ = go.await;
+            let edit: Edit = Arc::new(
+                |tx: &mut automerge::transaction::Transaction<'_>, i: usize, seq: u64| {
+                    tx.put(ROOT, format!("c{i}"), seq as i64).expect("put");
+                },
+            );
+            let r = typing_run(
+                &handles,
+                relay_pid,
+                Observe::Heads,
+                10.0,
+                duration,
+                drain,
+                edit,
+            )
+            .await;
+            drop(handles);
+            drop_repos(repos).await;
+            r
+        })
+    });
+    (set_up, thread)
+}
+
 /// 2. K clients on one small note, each putting a counter under its own key.
 async fn fanout(k: usize, duration: Duration, rows: &mut Vec<Row>) {
     let dir = tempfile::tempdir().unwrap();
@@ -819,7 +873,38 @@ async fn long_note(
         );
         let drain = Duration::from_secs(20);
         let pid = relay.child.id().unwrap();
+        // Beside the long note, two other clients edit a small one through the same relay
+        // (once per K): what the long note costs the relay's other notes. They run on a
+        // runtime of their own, so that the long note's clients (whose handles block a
+        // worker while their engine applies) do not delay them here.
+        let bystanders = (mode == Observe::Heads).then(|| {
+            let (go, ready) = tokio::sync::oneshot::channel::<()>();
+            (
+                go,
+                spawn_bystanders(url.clone(), pid, duration, drain, ready),
+            )
+        });
+        let bystanders = match bystanders {
+            Some((go, (set_up, thread))) => {
+                set_up.await.expect("bystanders set up");
+                let _ = go.send(());
+                Some(thread)
+            }
+            None => None,
+        };
         let r = typing_run(&handles, pid, mode, 10.0, duration, drain, edit).await;
+        if let Some(thread) = bystanders {
+            let s = tokio::task::spawn_blocking(move || thread.join())
+                .await
+                .expect("join")
+                .expect("bystanders");
+            eprintln!("long K={k}: a small note beside it: {}", s.summary());
+            rows.push(latency_row(
+                format!("3b. a small note beside long K={k}, 2 clients, 10 edits/s each"),
+                &s,
+                None,
+            ));
+        }
         let pass = r.all_delivered() && r.p99 < Duration::from_millis(300);
         let scored = k == 4 && mode == Observe::Heads;
         rows.push(latency_row(

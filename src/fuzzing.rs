@@ -326,6 +326,7 @@ impl SyncHarness {
                         self.disk.push(chunk);
                         inputs.push(Input::Persisted { doc, seq, ok: true });
                     }
+                    Effect::Apply(job) => inputs.push(job.run()),
                     Effect::Close { conn, .. } => self.closed.push(conn),
                     Effect::Event(Event::PeerError { conn, .. }) => self.errors.push(conn),
                     Effect::Load { doc } => panic!("engine asked to load {doc}, which it holds"),

@@ -1397,6 +1397,158 @@ fn a_paced_relay_forwards_what_it_holds_before_applying_it() {
     assert_eq!(net.heads(b, &doc), heads);
 }
 
+/// Every sync message `node` sent advertises only heads of its own documents `docs` (so
+/// only changes it applied and stored).
+fn advertised_only_own_heads(net: &Net, node: usize, docs: &[DocumentId]) {
+    let own: Vec<_> = docs
+        .iter()
+        .map(|d| net.nodes[node].engine.document(d).unwrap())
+        .collect();
+    for (_, msg) in net.sent_sync.iter().filter(|(from, _)| *from == node) {
+        for h in &msg.heads {
+            assert!(
+                own.iter()
+                    .any(|d| d.lock().get_change_meta_by_hash(h).is_some()),
+                "node {node} advertised a head it does not have"
+            );
+        }
+    }
+}
+
+/// What `node` stored for `doc`, loaded.
+fn stored(net: &Net, node: usize, doc: &DocumentId) -> Automerge {
+    let mut am = Automerge::new();
+    for c in &net.nodes[node].chunks[doc] {
+        am.load_incremental(c).expect("stored chunk loads");
+    }
+    am
+}
+
+/// Once a note's applies are expensive, a relay applies its next batch off the engine's
+/// thread (`Effect::Apply`). While the job is out the relay keeps working: what arrives for
+/// the note is forwarded, and other notes sync as usual. The result then goes in like an
+/// apply made there: stored, and only then advertised.
+#[test]
+fn a_relay_applies_an_expensive_note_off_its_thread_and_serves_meanwhile() {
+    let Shared {
+        mut net,
+        relay,
+        a,
+        b,
+        doc,
+        ..
+    } = paced_net(20);
+    net.record = true;
+    net.nodes[relay].hold_jobs = true;
+    type_into(&mut net, a, &doc, "a1 ");
+    assert!(
+        net.nodes[relay].jobs.is_empty(),
+        "the first apply is made here"
+    );
+    type_into(&mut net, b, &doc, "b1 ");
+    net.advance(60);
+    net.settle();
+    assert_eq!(net.nodes[relay].jobs.len(), 1, "the next one is handed out");
+    assert!(
+        !text_of(&net, relay, &doc).contains("b1"),
+        "not applied yet"
+    );
+    // Meanwhile: a2 is forwarded to b, though the relay's pause is over...
+    type_into(&mut net, a, &doc, "a2 ");
+    assert!(
+        text_of(&net, b, &doc).contains("a2"),
+        "forwarded while the job is out"
+    );
+    assert_eq!(net.nodes[relay].jobs.len(), 1, "one job per note at a time");
+    // ...and another note goes from a to b through the relay.
+    let other = DocumentId::random();
+    net.push(
+        a,
+        Input::Create {
+            doc: other,
+            automerge: note_by(3, "other"),
+        },
+    );
+    net.settle();
+    net.push(b, Input::Find { doc: other });
+    net.settle();
+    assert_eq!(
+        net.heads(b, &other),
+        net.heads(a, &other),
+        "b has the other note"
+    );
+    assert!(net.heads(b, &other).is_some());
+
+    let persists = net.nodes[relay].persist_count;
+    assert_eq!(net.run_jobs(relay), 1);
+    net.settle();
+    assert!(
+        text_of(&net, relay, &doc).contains("b1"),
+        "the job's result is the note"
+    );
+    assert!(
+        net.nodes[relay].persist_count > persists,
+        "and it is stored"
+    );
+    // a2 waited in the inbox; it goes in (here or in a job) when the next pause ends.
+    for _ in 0..5 {
+        net.advance(100);
+        net.settle();
+        net.run_jobs(relay);
+        net.settle();
+    }
+    let heads = net.heads(relay, &doc);
+    assert!(text_of(&net, relay, &doc).contains("a2"));
+    assert_eq!(net.heads(a, &doc), heads);
+    assert_eq!(net.heads(b, &doc), heads);
+    assert_eq!(Some(stored(&net, relay, &doc).get_heads()), heads);
+    advertised_only_own_heads(&net, relay, &[doc, other]);
+}
+
+/// A note edited on the relay while its batch is applied elsewhere: the job's copy lacks
+/// the edit, so its result is dropped and the batch applied there and then. Nothing is
+/// lost, on any replica or on disk.
+#[test]
+fn an_offloaded_apply_overtaken_by_a_local_edit_is_made_again() {
+    let Shared {
+        mut net,
+        relay,
+        a,
+        b,
+        doc,
+        ..
+    } = paced_net(20);
+    net.record = true;
+    net.nodes[relay].hold_jobs = true;
+    type_into(&mut net, a, &doc, "a1 ");
+    type_into(&mut net, b, &doc, "b1 ");
+    net.advance(60);
+    net.settle();
+    assert_eq!(net.nodes[relay].jobs.len(), 1);
+    type_into(&mut net, relay, &doc, "r1 ");
+    assert_eq!(net.run_jobs(relay), 1);
+    net.settle();
+    let t = text_of(&net, relay, &doc);
+    assert!(
+        t.contains("b1") && t.contains("r1"),
+        "both are there: {t:?}"
+    );
+    assert!(
+        net.nodes[relay].jobs.is_empty(),
+        "applied here, not handed out again"
+    );
+    for _ in 0..3 {
+        net.advance(100);
+        net.settle();
+    }
+    let heads = net.heads(relay, &doc);
+    assert_eq!(net.heads(a, &doc), heads);
+    assert_eq!(net.heads(b, &doc), heads);
+    assert!(text_of(&net, a, &doc).contains("r1"));
+    assert_eq!(Some(stored(&net, relay, &doc).get_heads()), heads);
+    advertised_only_own_heads(&net, relay, &[doc]);
+}
+
 /// A paced peer answers what the relay forwards at once, before its own apply: the relay
 /// then passes on what arrives next without waiting for that apply, and the peer applies
 /// everything that waited in one call when its pause ends.
@@ -1468,8 +1620,8 @@ fn a_paced_peer_answers_at_once_and_applies_what_waited_in_one_call() {
 }
 
 /// A peer that takes long to answer a forward (it applies first, as JS automerge-repo does)
-/// gets its next forward only after as long again: it is given time to apply, instead of a
-/// message for every answer.
+/// gets its next forward only after twice as long again: it is given time to apply, instead
+/// of a message for every answer.
 #[test]
 fn a_slow_answer_spaces_the_next_forward() {
     let Shared {
@@ -1479,9 +1631,10 @@ fn a_slow_answer_spaces_the_next_forward() {
         b,
         doc,
         ..
-    } = paced_net(20);
+    } = paced_net(50);
     type_into(&mut net, a, &doc, "a1 ");
-    // The relay is paced now: a2 is forwarded to b, whose answer takes 30 ms.
+    // The relay is paced now (for 100 ms, past this test's 90): a2 is forwarded to b,
+    // whose answer takes 30 ms.
     edit(&net, a, &doc, "a2 ");
     net.push(a, Input::LocalChange { doc });
     for _ in 0..4 {
@@ -1495,7 +1648,13 @@ fn a_slow_answer_spaces_the_next_forward() {
     type_into(&mut net, a, &doc, "a3 ");
     assert!(
         !text_of(&net, b, &doc).contains("a3"),
-        "b answered 30 ms after the forward: nothing for 30 ms"
+        "b answered 30 ms after the forward: nothing for 60 ms"
+    );
+    net.advance(30);
+    net.settle();
+    assert!(
+        !text_of(&net, b, &doc).contains("a3"),
+        "still nothing 30 ms after the answer"
     );
     net.advance(30);
     net.settle();

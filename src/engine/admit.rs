@@ -127,6 +127,28 @@ pub(crate) fn apply(
     }
 }
 
+/// [`apply`] of parsed changes to a note the caller owns (a copy made for a worker, see
+/// `offload`): applied in place, without a second copy. On `Err` the note is dropped, and
+/// `lineage` must be dropped with it. The caller catches panics, as [`apply`] does.
+pub(crate) fn apply_owned(
+    mut doc: Automerge,
+    lineage: &mut Lineage,
+    changes: Vec<Change>,
+    log: Option<&mut PatchLog>,
+) -> Result<Automerge, AdmitError> {
+    let before = doc.get_heads();
+    lineage.catch_up(&doc);
+    match log {
+        Some(log) => doc.apply_changes_log_patches(changes, log)?,
+        None => doc.apply_changes(changes)?,
+    }
+    match check(&doc, &before, lineage)? {
+        Some(update) => lineage.apply(update),
+        None => lineage.reset(),
+    }
+    Ok(doc)
+}
+
 /// A new note from untrusted bytes (`save()` output or changes), as admitted by [`apply`].
 pub(crate) fn load(bytes: &[u8]) -> Result<Automerge, AdmitError> {
     let mut doc = Automerge::new();

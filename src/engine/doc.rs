@@ -13,6 +13,8 @@ use crate::protocol::Message;
 use crate::schema::{enforce, RepairContext};
 
 use super::admit::{self, Batch};
+use super::basis::has_change;
+use super::offload::{Applied, ApplyJob, Offloaded, Precomputed, Taken};
 use super::types::{Effect, EngineConfig, EngineError, Event, Millis, SharedDoc};
 
 /// Where a document is in its life in this engine.
@@ -129,6 +131,10 @@ pub(super) struct DocEntry {
     pub(super) next_apply_at: Millis,
     /// Each actor's latest change, for admitting remote ones (see `admit`).
     lineage: super::lineage::Lineage,
+    /// What the last apply of remote changes cost (µs; 0 until one is measured).
+    last_cost_us: u64,
+    /// A batch being applied off the engine's thread, or its result (see `offload`).
+    offloaded: Option<Offloaded>,
 }
 
 /// Remote changes persisted as the bytes they arrived in.
@@ -191,6 +197,8 @@ fn blank(now: Millis, phase: DocPhase, doc: Automerge) -> DocEntry {
         inbox: Vec::new(),
         held: Vec::new(),
         next_apply_at: Millis(0),
+        last_cost_us: 0,
+        offloaded: None,
         lineage: Default::default(),
         local_want: false,
         requesting_since: now,
@@ -310,7 +318,11 @@ impl DocEntry {
             }
         }
         // A paced inbox. (While a chunk is in flight, `Persisted` steps the document.)
-        if !self.inbox.is_empty() && self.phase != DocPhase::Loading && !self.gated(config) {
+        if !self.inbox.is_empty()
+            && self.phase != DocPhase::Loading
+            && !self.gated(config)
+            && self.offloaded.is_none()
+        {
             at(self.next_apply_at);
         }
         if self.idle() {
@@ -330,8 +342,20 @@ impl DocEntry {
         if self.phase == DocPhase::Loading {
             return;
         }
-        if !self.gated(config) && now >= self.next_apply_at {
-            self.apply_inbox(now, id, config, out);
+        if !self.gated(config) {
+            match self.offloaded.take() {
+                Some(Offloaded::Done(taken, outcome)) => {
+                    let pre = Precomputed {
+                        heads: taken.heads,
+                        hashes: taken.hashes,
+                        outcome,
+                    };
+                    self.apply_inbox(now, id, config, out, taken.inbound, Some(pre));
+                }
+                running @ Some(Offloaded::Running(_)) => self.offloaded = running,
+                None if now >= self.next_apply_at => self.apply_due(now, id, config, out),
+                None => {}
+            }
         }
         if std::mem::take(&mut self.needs_check) {
             self.enforce(now, id, config, out);
@@ -355,23 +379,121 @@ impl DocEntry {
         self.check_evict(now, config, out);
     }
 
-    /// Apply every queued message's changes in one call, then run each message's
-    /// bookkeeping without its changes.
-    fn apply_inbox(
+    /// The inbox is due: hand it out (see `offload`) or apply it here.
+    fn apply_due(
         &mut self,
         now: Millis,
         id: DocumentId,
         config: &EngineConfig,
         out: &mut StepOutput,
     ) {
-        if self.inbox.is_empty() {
+        if !self.offload(id, config, out) {
+            let inbox = std::mem::take(&mut self.inbox);
+            self.apply_inbox(now, id, config, out, inbox, None);
+        }
+    }
+
+    /// Hand an expensive note's inbox to a job off the engine's thread (see `offload`);
+    /// `false` if it is not for one (the caller applies it here).
+    fn offload(&mut self, id: DocumentId, config: &EngineConfig, out: &mut StepOutput) -> bool {
+        if !config.offload_applies
+            || config.apply_pacing.pause_ms(self.last_cost_us) == 0
+            || self.phase != DocPhase::Ready
+            || self.inbox.is_empty()
+        {
+            return false;
+        }
+        let doc = self.doc.lock();
+        // A first copy, or changes waiting for a dependency (their apply is not only this
+        // batch's): the ordinary path.
+        if doc.is_empty() || !doc.get_missing_deps(&[]).is_empty() {
+            return false;
+        }
+        // The changes `apply_inbox` will gather from these messages; anything it would
+        // reject or leave to the loader is left to it.
+        let mut changes = Vec::new();
+        for m in &self.inbox {
+            let Some(p) = self.peers.get(&m.conn) else {
+                continue;
+            };
+            let Ok(msg) = SyncMessage::decode(&m.data) else {
+                return false;
+            };
+            if bad_bloom(&msg).is_some() {
+                return false;
+            }
+            if p.sync.read_only {
+                continue;
+            }
+            for entry in msg.changes.iter() {
+                if !matches!(parse_entry(entry, &mut changes), Ok(true)) {
+                    return false;
+                }
+            }
+        }
+        if changes.is_empty() {
+            return false;
+        }
+        let hashes = changes.iter().map(automerge::Change::hash).collect();
+        let job = ApplyJob {
+            doc: id,
+            note: (**doc).clone(),
+            lineage: self.lineage.clone(),
+            changes,
+            log: doc.patch_log(),
+            clock: config.cost_clock.clone(),
+        };
+        let heads = doc.get_heads();
+        drop(doc);
+        self.offloaded = Some(Offloaded::Running(Taken {
+            inbound: std::mem::take(&mut self.inbox),
+            heads,
+            hashes,
+        }));
+        out.effects.push(Effect::Apply(Box::new(job)));
+        true
+    }
+
+    /// No batch of this document is offloaded (see `offload`).
+    pub(super) fn offloaded_none(&self) -> bool {
+        self.offloaded.is_none()
+    }
+
+    /// An offloaded batch's result is in: `true` if this document was waiting for it.
+    pub(super) fn applied(&mut self, outcome: Box<Applied>) -> bool {
+        match self.offloaded.take() {
+            Some(Offloaded::Running(taken)) => {
+                self.offloaded = Some(Offloaded::Done(taken, outcome));
+                true
+            }
+            other => {
+                self.offloaded = other;
+                false
+            }
+        }
+    }
+
+    /// Apply the changes of `inbox` (messages taken from the inbox) in one call, then run
+    /// each message's bookkeeping without its changes. `pre` is an offloaded apply of
+    /// them, used if it still fits (see `offload`).
+    fn apply_inbox(
+        &mut self,
+        now: Millis,
+        id: DocumentId,
+        config: &EngineConfig,
+        out: &mut StepOutput,
+        inbox: Vec<Inbound>,
+        pre: Option<Precomputed>,
+    ) {
+        if inbox.is_empty() {
             return;
         }
-        let inbox = std::mem::take(&mut self.inbox);
-        // Applied now: what was forwarded is acknowledged by the heads sent after this.
-        self.held.clear();
-        for p in self.peers.values_mut() {
-            p.owes_ack = false;
+        // Applied now: what was forwarded is acknowledged by the heads sent after this
+        // (what is still in the inbox, come while an offloaded apply ran, stays held).
+        for (conn, p) in self.peers.iter_mut() {
+            if !self.inbox.iter().any(|m| m.conn == *conn) {
+                p.owes_ack = false;
+            }
         }
         let mut decoded: Vec<(ConnId, SyncMessage)> = Vec::with_capacity(inbox.len());
         for m in inbox {
@@ -449,33 +571,71 @@ impl DocEntry {
         // The changes as parsed above, unless a chunk is left to the loader or this is a
         // first copy (`load_incremental` loads that as a document).
         let parsed = (all_parsed && !was_empty).then_some(parsed);
+        // An offloaded apply fits if the note has not moved since its copy was made and
+        // these are its changes (no sender gone meanwhile).
+        let pre = pre.filter(|p| {
+            p.heads == heads_before
+                && parsed.as_ref().is_some_and(|c| {
+                    c.len() == p.hashes.len()
+                        && c.iter().zip(&p.hashes).all(|(c, h)| c.hash() == *h)
+                })
+        });
+        let mut offloaded_cost = None;
         // Admitted only if Automerge neither panics on it nor is left with a note it
         // cannot keep (see `admit`).
-        let applied = !all.is_empty()
-            && {
+        let admitted = match pre {
+            _ if all.is_empty() => None,
+            Some(pre) => {
+                offloaded_cost = Some(pre.outcome.cost_us);
+                Some(pre.outcome.result.map(|trial| {
+                    **doc = trial.note;
+                    self.lineage = trial.lineage;
+                    log = trial.log;
+                }))
+            }
+            None => {
                 let batch = match parsed {
                     Some(p) => Batch::Changes(p),
                     None => Batch::Bytes(&all),
                 };
-                match admit::apply(&mut doc, &mut self.lineage, batch, log.as_mut()) {
-                    Ok(()) => true,
-                    Err(e) => {
-                        tracing::debug!(doc = %id, error = %e, "a batch of remote changes was not admitted; trying each sender's alone");
-                        false
-                    }
-                }
-            };
+                Some(admit::apply(
+                    &mut doc,
+                    &mut self.lineage,
+                    batch,
+                    log.as_mut(),
+                ))
+            }
+        };
+        let applied = match admitted {
+            None => false,
+            Some(Ok(())) => true,
+            Some(Err(e)) => {
+                tracing::debug!(doc = %id, error = %e, "a batch of remote changes was not admitted; trying each sender's alone");
+                false
+            }
+        };
+        // What was held for forwarding and is now applied (or refused) is held no more.
+        let remaining = &self.inbox;
+        self.held
+            .retain(|h| remaining.iter().any(|m| m.conn == h.from) && !has_change(&doc, &h.hash));
         if let (true, Some(log)) = (applied, log) {
             doc.record(heads_before.clone(), log);
         }
         if let (Some(clock), Some(started)) = (&config.cost_clock, started) {
             // A first copy is a load, not an edit: it says nothing about the next apply.
             if !all.is_empty() && !was_empty {
-                let cost = (clock.0)().saturating_sub(started);
-                // `now` is when this step began; the apply ended about `cost` later.
+                // `now` is when this step began; an apply here ended about `cost` later.
+                let (cost, here) = match offloaded_cost {
+                    Some(cost) => (cost, 0),
+                    None => {
+                        let cost = (clock.0)().saturating_sub(started);
+                        (cost, cost)
+                    }
+                };
+                self.last_cost_us = cost;
                 self.next_apply_at = match config.apply_pacing.pause_ms(cost) {
                     0 => now,
-                    pause => now.plus(cost / 1000 + pause),
+                    pause => now.plus(here / 1000 + pause),
                 };
             }
         }
@@ -773,6 +933,7 @@ impl DocEntry {
     fn idle(&self) -> bool {
         self.peers.is_empty()
             && self.inbox.is_empty()
+            && self.offloaded.is_none()
             && self.in_flight.is_empty()
             && self.phase != DocPhase::Loading
             && !(self.local_want && self.phase == DocPhase::Requesting)

@@ -34,9 +34,15 @@
 //! A peer still awaiting our last message gets nothing new (as for any message with
 //! changes, see `EngineConfig::max_hold_ms`). A peer that answers a forward only after
 //! applying it, as JS automerge-repo does, shows in its delay what an apply costs it: its
-//! next forward waits as long again (at most [`MAX_FORWARD_PAUSE_MS`]), so it spends at
-//! most about half its time applying what we send it. A sheaf peer that paces answers at
-//! once and is never held this way.
+//! next forward waits [`FORWARD_PAUSE_FACTOR`] times as long (at most
+//! [`MAX_FORWARD_PAUSE_MS`]), so it spends at most about a third of its time applying what
+//! we send it, as a pacing engine does (`ApplyPacing`). Waiting only as long again was
+//! enough while the relay applied on its own thread, which paused its forwards too; once a
+//! relay applies off it (`offload`), four JS typists on the long note each received more,
+//! smaller forwards and fell behind: they typed 429-447 edits instead of 700-870, at p50
+//! 1.4 s. With the factor at 2: 699-786 edits, p50 0.64-0.81 s (the same runs without the
+//! offload: 531-873 edits, 0.51-1.16 s; four node processes fill both cores, so the row is
+//! noisy). A sheaf peer that paces answers at once and is never held this way.
 //!
 //! # What a forwarded message says
 //!
@@ -80,6 +86,9 @@ use super::types::{Effect, EngineConfig, Millis};
 /// Longest pause between forwards to a peer (see the module docs).
 pub(super) const MAX_FORWARD_PAUSE_MS: u64 = 200;
 
+/// A peer that took T to answer a forward gets the next one this many times T later.
+pub(super) const FORWARD_PAUSE_FACTOR: u64 = 2;
+
 /// A change waiting in the inbox, as it arrived.
 pub(super) struct HeldChange {
     pub from: ConnId,
@@ -101,7 +110,7 @@ impl DocEntry {
         if !config.forward_held
             || self.phase != DocPhase::Ready
             || self.inbox.is_empty()
-            || now >= self.next_apply_at
+            || (now >= self.next_apply_at && self.offloaded_none())
         {
             return;
         }

@@ -37,7 +37,7 @@ pub(crate) struct Latest {
 }
 
 /// Each actor's latest change in a note, as of `heads`.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub(crate) struct Lineage {
     built: bool,
     heads: Vec<ChangeHash>,

@@ -30,6 +30,12 @@
 //! waits is passed on to the other peers at once and its senders are answered (the
 //! `forward` module), so the pause is not on the path from a typist to a reader.
 //!
+//! Pacing bounds how often a hot note is applied, not how long each apply holds the
+//! engine's one thread. A relay (`EngineConfig::offload_applies`) hands the apply of such a
+//! note to the runtime as [`Effect::Apply`], to run on another thread while the engine goes
+//! on serving every note; the result comes back as [`Input::Applied`] and is used only if
+//! the note did not move meanwhile (the `offload` module).
+//!
 //! # Per message, nothing that grows with the history
 //!
 //! Two more automerge 0.12 costs grow with the note's whole history rather than with what a
@@ -79,12 +85,14 @@ mod doc;
 mod forward;
 mod journal;
 mod lineage;
+mod offload;
 mod receive;
 mod types;
 
 pub use admit::AdmitError;
 pub use doc::{DocPhase, PeerSyncStatus};
 pub use journal::DocCell;
+pub use offload::{Applied, ApplyJob};
 pub use types::{
     ApplyPacing, CostClock, Denied, Effect, EngineConfig, EngineError, Event, Input, Loaded,
     Millis, SharedDoc,
@@ -245,6 +253,13 @@ impl Engine {
                     }
                 }
                 self.touched.remove(&doc);
+            }
+            Input::Applied { doc, outcome } => {
+                if let Some(d) = self.docs.get_mut(&doc) {
+                    if d.applied(outcome) {
+                        self.touched.insert(doc);
+                    }
+                }
             }
             Input::Tick => {
                 let due: Vec<DocumentId> = self
@@ -547,9 +562,12 @@ impl Engine {
             }
             p.awaiting_since = None;
             if let Some(at) = p.forwarded_at.take() {
-                // A peer that took long to answer was busy applying: give it as long again.
-                let took = now.saturating_sub(at).min(forward::MAX_FORWARD_PAUSE_MS);
-                p.forward_after = now.plus(took);
+                // A peer that took long to answer was busy applying: give it a pause in
+                // proportion (see `forward`'s "Pacing per peer").
+                let took = now
+                    .saturating_sub(at)
+                    .saturating_mul(forward::FORWARD_PAUSE_FACTOR);
+                p.forward_after = now.plus(took.min(forward::MAX_FORWARD_PAUSE_MS));
             }
         }
         d.inbox.push(doc::Inbound {

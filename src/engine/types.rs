@@ -78,6 +78,10 @@ pub struct EngineConfig {
     /// default; for a peer with one relay that is only the answer that lets the relay send
     /// what arrives next.
     pub forward_held: bool,
+    /// An expensive note's remote changes are applied off the engine's thread
+    /// ([`Effect::Apply`], see `engine::offload`). On for relays; off for peers, where a
+    /// user's edit during the apply makes it run again.
+    pub offload_applies: bool,
 }
 
 /// A monotonic clock in microseconds, used only to measure what an apply cost (time is
@@ -175,6 +179,7 @@ impl EngineConfig {
             cost_clock: None,
             apply_pacing: ApplyPacing::default(),
             forward_held: true,
+            offload_applies: false,
         }
     }
 
@@ -182,6 +187,7 @@ impl EngineConfig {
     pub fn relay(peer_id: PeerId, storage_id: Option<StorageId>) -> Self {
         Self {
             announce: false,
+            offload_applies: true,
             ..Self::peer(peer_id, storage_id)
         }
     }
@@ -250,6 +256,11 @@ pub enum Input {
     Forget {
         doc: DocumentId,
     },
+    /// The answer to [`Effect::Apply`].
+    Applied {
+        doc: DocumentId,
+        outcome: Box<super::offload::Applied>,
+    },
     /// Time passed; do what is due (see [`super::Engine::next_deadline`]).
     Tick,
 }
@@ -279,6 +290,9 @@ pub enum Effect {
         heads: Vec<ChangeHash>,
         snapshot: bool,
     },
+    /// Run the job (it takes a while: off the engine's thread if there is one to spare)
+    /// and answer with the input [`super::ApplyJob::run`] gives (see `engine::offload`).
+    Apply(Box<super::offload::ApplyJob>),
     /// Store sync state for a peer's storage (no answer needed).
     SaveSyncState {
         doc: DocumentId,

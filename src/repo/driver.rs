@@ -12,7 +12,7 @@ use automerge::Automerge;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::engine::{
-    CostClock, Effect, Engine, EngineConfig, Event, Input, Loaded, Millis, SharedDoc,
+    ApplyJob, CostClock, Effect, Engine, EngineConfig, Event, Input, Loaded, Millis, SharedDoc,
 };
 use crate::id::DocumentId;
 use crate::net::{ConnId, Direction, Outgoing};
@@ -120,6 +120,7 @@ pub(super) fn spawn(
         (i.store.clone(), i.tx.clone())
     };
     let (loader, loader_thread) = spawn_loader(store.clone(), tx.clone());
+    let (applier, applier_thread) = spawn_applier(tx.clone());
     std::thread::Builder::new()
         .name("sheaf-driver".into())
         .spawn(move || {
@@ -138,7 +139,8 @@ pub(super) fn spawn(
                 tx,
                 store,
                 loader: Some(loader),
-                threads: vec![loader_thread],
+                applier: Some(applier),
+                threads: vec![loader_thread, applier_thread],
                 start,
                 conns: HashMap::new(),
                 finds: HashMap::new(),
@@ -214,6 +216,23 @@ fn spawn_loader(
     (ltx, handle)
 }
 
+/// Offloaded applies (see `engine::offload`) run here, one at a time: the engine hands out
+/// at most one job per document, and a second core is all the relay's machine may have.
+fn spawn_applier(tx: Sender<Cmd>) -> (Sender<Box<ApplyJob>>, std::thread::JoinHandle<()>) {
+    let (atx, arx) = std::sync::mpsc::channel::<Box<ApplyJob>>();
+    let handle = std::thread::Builder::new()
+        .name("sheaf-applier".into())
+        .spawn(move || {
+            while let Ok(job) = arx.recv() {
+                if tx.send(Cmd::Input(job.run())).is_err() {
+                    break;
+                }
+            }
+        })
+        .expect("spawn the applier thread");
+    (atx, handle)
+}
+
 /// At most this many compactions under way when a load asks for one.
 const MAX_COMPACTIONS_AFTER_LOAD: usize = 2;
 
@@ -223,6 +242,7 @@ struct Driver {
     tx: Sender<Cmd>,
     store: Store,
     loader: Option<Sender<DocumentId>>,
+    applier: Option<Sender<Box<ApplyJob>>>,
     /// The loader and compaction threads: joined at shutdown, so the store (and sled's
     /// lock on the directory) is released when `Repo` is gone.
     threads: Vec<std::thread::JoinHandle<()>>,
@@ -411,6 +431,7 @@ impl Driver {
             let _ = tx.try_send(Outgoing::Close("shutting down".into()));
         }
         self.loader = None;
+        self.applier = None;
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -474,6 +495,13 @@ impl Driver {
             Effect::Close { conn, reason } => {
                 if let Some(tx) = self.conns.remove(&conn) {
                     let _ = tx.try_send(Outgoing::Close(reason));
+                }
+            }
+            Effect::Apply(job) => {
+                if let Some(Err(std::sync::mpsc::SendError(job))) =
+                    self.applier.as_ref().map(|a| a.send(job))
+                {
+                    self.carry.push(job.run());
                 }
             }
             Effect::Load { doc } => {

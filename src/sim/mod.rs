@@ -185,6 +185,9 @@ impl Node {
         cfg.cost_clock = Some(crate::engine::CostClock(std::sync::Arc::new(move || {
             t.fetch_add(SIM_APPLY_MS * 1000, std::sync::atomic::Ordering::Relaxed)
         })));
+        // Peers too apply off their thread here (relays do by default), so that the
+        // simulations also run an offloaded result meeting an edit made meanwhile.
+        cfg.offload_applies = true;
         // Repairs are made as this incarnation's actor, like its edits: deterministic, and
         // never a sequence number a lost write of an earlier incarnation already used.
         cfg.repair_actor = Some(self.actor());
@@ -489,6 +492,9 @@ impl Sim {
                     self.drop_link(i);
                 }
             }
+            // Run at once; its result is handled with whatever else reaches the node
+            // first (edits, messages), as it would be on a worker thread.
+            Effect::Apply(job) => self.nodes[node].inputs.push(job.run()),
             Effect::Load { doc } => {
                 let loaded = self.nodes[node].disk.load(&doc);
                 self.nodes[node].inputs.push(Input::Loaded { doc, loaded });

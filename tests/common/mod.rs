@@ -58,6 +58,9 @@ pub struct Node {
     pub auto_persist: bool,
     pub unacked: Vec<(DocumentId, u64)>,
     pub persist_count: usize,
+    /// When true, `Apply` jobs wait in `jobs` until the test runs them (`run_jobs`).
+    pub hold_jobs: bool,
+    pub jobs: Vec<sheafdb::engine::ApplyJob>,
 }
 
 struct Link {
@@ -123,6 +126,8 @@ impl Net {
             log: Vec::new(),
             auto_persist: true,
             unacked: Vec::new(),
+            hold_jobs: false,
+            jobs: Vec::new(),
             persist_count: 0,
         });
         self.nodes.len() - 1
@@ -189,6 +194,15 @@ impl Net {
                         self.nodes[other]
                             .inputs
                             .push(Input::ConnClosed { conn: oc });
+                    }
+                }
+                Effect::Apply(job) => {
+                    let n = &mut self.nodes[node];
+                    n.log.push(format!("apply {}", job.doc()));
+                    if n.hold_jobs {
+                        n.jobs.push(*job);
+                    } else {
+                        n.inputs.push(job.run());
                     }
                 }
                 Effect::Load { doc } => {
@@ -356,6 +370,17 @@ impl Net {
     }
 
     /// Advance virtual time and tick every node.
+    /// Run the node's held `Apply` jobs; their results reach it with its next batch.
+    pub fn run_jobs(&mut self, node: usize) -> usize {
+        let jobs = std::mem::take(&mut self.nodes[node].jobs);
+        let n = jobs.len();
+        for job in jobs {
+            let input = job.run();
+            self.nodes[node].inputs.push(input);
+        }
+        n
+    }
+
     pub fn advance(&mut self, ms: u64) {
         self.now = self.now.plus(ms);
         for n in &mut self.nodes {
