@@ -756,20 +756,10 @@ fn spawn_bystanders(
             .build()
             .expect("runtime");
         rt.block_on(async move {
-            let creator = client(&url).await;
-            let note = creator.create().await.expect("create");
-            upload(&note).await;
-            let id = note.id();
-            drop(note);
-            drop_repos(vec![creator]).await;
+            let id = new_small_note(&url).await;
             let (repos, handles) = clients_on(&url, id, 2).await;
             let _ = set_up_tx.send(());
             let _ = go.await;
-            let edit: Edit = Arc::new(
-                |tx: &mut automerge::transaction::Transaction<'_>, i: usize, seq: u64| {
-                    tx.put(ROOT, format!("c{i}"), seq as i64).expect("put");
-                },
-            );
             let r = typing_run(
                 &handles,
                 relay_pid,
@@ -777,7 +767,7 @@ fn spawn_bystanders(
                 10.0,
                 duration,
                 drain,
-                edit,
+                counter_edit(),
             )
             .await;
             drop(handles);
@@ -788,27 +778,38 @@ fn spawn_bystanders(
     (set_up, thread)
 }
 
+/// A new empty note, uploaded to the relay at `url` by a client that then leaves (so only
+/// the typists that find it receive edits).
+async fn new_small_note(url: &str) -> DocumentId {
+    let creator = client(url).await;
+    let note = creator.create().await.expect("create");
+    upload(&note).await;
+    let id = note.id();
+    drop(note);
+    drop_repos(vec![creator]).await;
+    id
+}
+
+/// Client `i` puts its edit number under its own key.
+fn counter_edit() -> Edit {
+    Arc::new(
+        |tx: &mut automerge::transaction::Transaction<'_>, i: usize, seq: u64| {
+            tx.put(ROOT, format!("c{i}"), seq as i64).expect("put");
+        },
+    )
+}
+
 /// 2. K clients on one small note, each putting a counter under its own key.
 async fn fanout(k: usize, duration: Duration, rows: &mut Vec<Row>) {
     let dir = tempfile::tempdir().unwrap();
     let relay = relay_proc(dir.path()).await;
     let url = relay.url();
     let setup = Instant::now();
-    let creator = client(&url).await;
-    let note = creator.create().await.expect("create");
-    upload(&note).await;
-    let id = note.id();
-    // The creator leaves: only the K typists receive edits.
-    drop(note);
-    drop_repos(vec![creator]).await;
+    let id = new_small_note(&url).await;
     let (repos, handles) = clients_on(&url, id, k).await;
     eprintln!("fanout K={k}: {k} clients ready in {:.1?}", setup.elapsed());
 
-    let edit = Arc::new(
-        |tx: &mut automerge::transaction::Transaction<'_>, i: usize, seq: u64| {
-            tx.put(ROOT, format!("c{i}"), seq as i64).expect("put");
-        },
-    );
+    let edit = counter_edit();
     let drain = Duration::from_secs(if duration.as_secs() < 5 { 5 } else { 10 });
     let pid = relay.child.id().unwrap();
     let r = typing_run(&handles, pid, Observe::Heads, 10.0, duration, drain, edit).await;

@@ -1424,6 +1424,26 @@ fn stored(net: &Net, node: usize, doc: &DocumentId) -> Automerge {
     am
 }
 
+/// `paced_net(20)` once its relay has handed out the apply of b's "b1 " (its first apply,
+/// of a's "a1 ", was made inline and measured expensive); jobs wait for `run_jobs`.
+fn a_job_out() -> Shared {
+    let mut s = paced_net(20);
+    let (net, relay, doc) = (&mut s.net, s.relay, s.doc);
+    net.record = true;
+    net.nodes[relay].hold_jobs = true;
+    type_into(net, s.a, &doc, "a1 ");
+    assert!(
+        net.nodes[relay].jobs.is_empty(),
+        "the first apply is made here"
+    );
+    type_into(net, s.b, &doc, "b1 ");
+    net.advance(60);
+    net.settle();
+    assert_eq!(net.nodes[relay].jobs.len(), 1, "the next one is handed out");
+    assert!(!text_of(net, relay, &doc).contains("b1"), "not applied yet");
+    s
+}
+
 /// Once a note's applies are expensive, a relay applies its next batch off the engine's
 /// thread (`Effect::Apply`). While the job is out the relay keeps working: what arrives for
 /// the note is forwarded, and other notes sync as usual. The result then goes in like an
@@ -1437,22 +1457,7 @@ fn a_relay_applies_an_expensive_note_off_its_thread_and_serves_meanwhile() {
         b,
         doc,
         ..
-    } = paced_net(20);
-    net.record = true;
-    net.nodes[relay].hold_jobs = true;
-    type_into(&mut net, a, &doc, "a1 ");
-    assert!(
-        net.nodes[relay].jobs.is_empty(),
-        "the first apply is made here"
-    );
-    type_into(&mut net, b, &doc, "b1 ");
-    net.advance(60);
-    net.settle();
-    assert_eq!(net.nodes[relay].jobs.len(), 1, "the next one is handed out");
-    assert!(
-        !text_of(&net, relay, &doc).contains("b1"),
-        "not applied yet"
-    );
+    } = a_job_out();
     // Meanwhile: a2 is forwarded to b, though the relay's pause is over...
     type_into(&mut net, a, &doc, "a2 ");
     assert!(
@@ -1517,14 +1522,7 @@ fn an_offloaded_apply_overtaken_by_a_local_edit_is_made_again() {
         b,
         doc,
         ..
-    } = paced_net(20);
-    net.record = true;
-    net.nodes[relay].hold_jobs = true;
-    type_into(&mut net, a, &doc, "a1 ");
-    type_into(&mut net, b, &doc, "b1 ");
-    net.advance(60);
-    net.settle();
-    assert_eq!(net.nodes[relay].jobs.len(), 1);
+    } = a_job_out();
     type_into(&mut net, relay, &doc, "r1 ");
     assert_eq!(net.run_jobs(relay), 1);
     net.settle();
