@@ -35,7 +35,9 @@
 //! A change seen implies every earlier change of its author (causal order), and each
 //! (receiver, change) is counted once. All clients share this process and its tokio runtime
 //! (2 workers on the reference machine), so client CPU competes with the relay's: the
-//! process's own CPU is printed next to the relay's.
+//! process's own CPU is printed next to the relay's, and next to both what a keystroke's
+//! `change()` took (p50/p99/max): the input lag a user feels, mostly a wait for the note's
+//! lock while the client's engine applies remote changes.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -527,6 +529,9 @@ struct RunCtx {
     /// Edit-to-peer latencies (µs) and deliveries seen by every receiving client.
     lat_us: Mutex<Vec<u64>>,
     delivered: AtomicU64,
+    /// How long each keystroke's `change()` took (µs): mostly a wait for the note's lock,
+    /// which the client's engine holds while it applies remote changes (input lag).
+    change_us: Mutex<Vec<u64>>,
 }
 
 /// What one typing run measured.
@@ -638,6 +643,7 @@ async fn typing_run(
         sent: (0..k).map(|_| Mutex::new(Vec::new())).collect(),
         lat_us: Mutex::new(Vec::new()),
         delivered: AtomicU64::new(0),
+        change_us: Mutex::new(Vec::new()),
     });
     assert_eq!(ctx.actors.len(), k, "every client has its own actor");
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -673,7 +679,8 @@ async fn typing_run(
                     // The keystroke's time, recorded before the change exists (so no receiver
                     // can see it earlier): a wait for the note's lock, held while the engine
                     // applies remote changes, counts as latency, as a user would feel it.
-                    ctx.sent[i].lock().push(Instant::now());
+                    let typed = Instant::now();
+                    ctx.sent[i].lock().push(typed);
                     tokio::task::block_in_place(|| {
                         h.change(|tx| {
                             edit(tx, i, seq);
@@ -681,6 +688,9 @@ async fn typing_run(
                         })
                         .expect("local edit")
                     });
+                    ctx.change_us
+                        .lock()
+                        .push(typed.elapsed().as_micros() as u64);
                 }
             })
         })
@@ -702,6 +712,18 @@ async fn typing_run(
     }
     let lat = std::mem::take(&mut *ctx.lat_us.lock());
     let delivered = ctx.delivered.load(Ordering::Relaxed);
+    // Input lag: what a keystroke's `change()` took, shown with the CPU figures.
+    let mut change_us = std::mem::take(&mut *ctx.change_us.lock());
+    change_us.sort_unstable();
+    let cpu = match change_us.last() {
+        Some(max) => format!(
+            "{cpu}; change() p50/p99/max {:.1}/{:.1}/{:.1} ms",
+            change_us[change_us.len() / 2] as f64 / 1e3,
+            change_us[change_us.len() * 99 / 100] as f64 / 1e3,
+            *max as f64 / 1e3
+        ),
+        None => cpu,
+    };
     latency_result(lat, total, expected, delivered, cpu, drained)
 }
 
