@@ -134,7 +134,7 @@ pub(super) struct DocEntry {
     /// What the last apply of remote changes cost (µs; 0 until one is measured).
     last_cost_us: u64,
     /// A batch being applied off the engine's thread, or its result (see `offload`).
-    offloaded: Option<Offloaded>,
+    pub(super) offloaded: Option<Offloaded>,
 }
 
 /// Remote changes persisted as the bytes they arrived in.
@@ -452,11 +452,6 @@ impl DocEntry {
         }));
         out.effects.push(Effect::Apply(Box::new(job)));
         true
-    }
-
-    /// No batch of this document is offloaded (see `offload`).
-    pub(super) fn offloaded_none(&self) -> bool {
-        self.offloaded.is_none()
     }
 
     /// An offloaded batch's result is in: `true` if this document was waiting for it.

@@ -110,7 +110,7 @@ impl DocEntry {
         if !config.forward_held
             || self.phase != DocPhase::Ready
             || self.inbox.is_empty()
-            || (now >= self.next_apply_at && self.offloaded_none())
+            || (now >= self.next_apply_at && self.offloaded.is_none())
         {
             return;
         }
