@@ -167,7 +167,15 @@ async fn main() {
         load_from_chunks(&trace, n).await;
     }
     if wanted("acks") {
-        durable_acks().await;
+        durable_acks(RepoConfig::default(), "").await;
+        // What the commit log buys: every batch flushed and synced through sled instead.
+        let mut no_log = RepoConfig::default();
+        no_log.store.commit_log_bytes = 0;
+        durable_acks(
+            no_log,
+            " (for comparison: no commit log, sled flushed per batch)",
+        )
+        .await;
     }
     if wanted("rss") {
         rss_many_notes().await;
@@ -308,10 +316,10 @@ async fn load_from_chunks(trace: &SequentialTrace, n: usize) {
         again.as_secs_f64() * 1e3);
 }
 
-async fn durable_acks() {
+async fn durable_acks(config: RepoConfig, label: &str) {
     // 2. Durable acks.
     let dir2 = tempfile::tempdir().unwrap();
-    let repo = Repo::open(dir2.path()).unwrap();
+    let repo = Repo::open_with(dir2.path(), config).unwrap();
     let tasks = 16;
     let per_task = if quick() { 300 } else { 1_500 };
     let fsyncs_before = repo.store().stats().fsyncs;
@@ -337,11 +345,30 @@ async fn durable_acks() {
     let acked = tasks * per_task;
     let st = repo.store().stats();
     let fsyncs = st.fsyncs - fsyncs_before;
-    println!("2. durable acks: {tasks} tasks x {per_task} edits, each awaited saved: {:.0} acked edits/s (target >= 20000), {:.1} edits per fsync ({fsyncs} fsyncs)",
+    println!("2. durable acks{label}: {tasks} tasks x {per_task} edits, each awaited saved: {:.0} acked edits/s (target >= 20000), {:.1} edits per fsync ({fsyncs} fsyncs)",
         acked as f64 / el.as_secs_f64(), acked as f64 / fsyncs.max(1) as f64);
     let per = |ns: u64| ns as f64 / 1e3 / st.batches.max(1) as f64;
-    println!("   writer per batch: apply {:.0} us, sled flush {:.0} us, fdatasync {:.0} us; batch cycle {:.0} us of wall",
-        per(st.apply_nanos), per(st.flush_nanos), per(st.sync_nanos), el.as_secs_f64() * 1e6 / fsyncs.max(1) as f64);
+    println!("   writer per batch: apply {:.0} us, sled flush {:.0} us, log write or checkpoint sync {:.0} us; batch cycle {:.0} us of wall; {} checkpoints",
+        per(st.apply_nanos), per(st.flush_nanos), per(st.sync_nanos), el.as_secs_f64() * 1e6 / fsyncs.max(1) as f64, st.checkpoints);
+    // One editor alone: what `saved()` makes an app wait, edit by edit.
+    let h = repo.create().await.unwrap();
+    let text = h
+        .change(|tx| tx.put_object(ROOT, "text", ObjType::Text))
+        .unwrap();
+    let mut lat = Vec::with_capacity(per_task);
+    for i in 0..per_task {
+        let t = Instant::now();
+        h.change(|tx| tx.splice_text(&text, i, 0, "x")).unwrap();
+        h.saved().await.unwrap();
+        lat.push(t.elapsed());
+    }
+    lat.sort();
+    let pct = |p: f64| lat[((lat.len() - 1) as f64 * p) as usize].as_secs_f64() * 1e6;
+    println!(
+        "   one editor alone: change() + saved() p50 {:.0} us, p99 {:.0} us",
+        pct(0.5),
+        pct(0.99)
+    );
     repo.shutdown().unwrap();
     drop(repo);
 }

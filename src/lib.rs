@@ -9,7 +9,8 @@
 //! - [`auth`]: capability tokens (blake3-keyed MACs) and the per-connection [`auth::Access`].
 //! - [`id`]: document ids, `automerge:` URLs, peer and storage ids.
 //! - [`protocol`]: the wire messages and their CBOR codec (a total decoder).
-//! - [`store`]: persistence in sled: checksummed chunks, group commit, compaction.
+//! - [`store`]: persistence in sled: checksummed chunks, group commit through a commit log,
+//!   compaction.
 //! - [`engine`]: the sans-IO sync engine: `handle(now, inputs) -> effects`.
 //! - [`net`]: the seam between sockets and the engine ([`net::Hub`]); the WebSocket dialer
 //!   with reconnect and backoff ([`net::client`]).

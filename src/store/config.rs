@@ -29,6 +29,14 @@ pub struct StoreConfig {
     /// evicted and reloaded, as on a relay, would pay that every time; a compaction right
     /// after the load is a clone and a save of a note that is in memory anyway.
     pub compaction_on_load_min_bytes: u64,
+    /// Bytes of records the commit log holds between checkpoints (see `store::commit_log`);
+    /// the file is this plus 4 KiB. 0 turns the log off: every batch then flushes and syncs
+    /// sled itself, 4-5x slower per batch. A log left by an earlier run is replayed either way.
+    pub commit_log_bytes: u64,
+    /// sled's own background flush of its log, every this many milliseconds (`None`: only when
+    /// an IO buffer fills, and at checkpoints). Durability does not depend on it; it bounds
+    /// what sled loses in a crash, and so what the commit log replays at the next open.
+    pub sled_flush_every_ms: Option<u64>,
 }
 
 impl Default for StoreConfig {
@@ -42,6 +50,8 @@ impl Default for StoreConfig {
             compaction_factor: 8,
             compaction_max_chunks: 2_000,
             compaction_on_load_min_bytes: 64 * 1024,
+            commit_log_bytes: 8 * 1024 * 1024,
+            sled_flush_every_ms: Some(500),
         }
     }
 }

@@ -71,7 +71,8 @@ impl Durability {
         self.sync_blobs(counters)
     }
 
-    fn sync_blobs(&mut self, counters: &Counters) -> Result<(), StoreError> {
+    /// fsync of blob files not synced before (and of `blobs/` when one appeared).
+    pub fn sync_blobs(&mut self, counters: &Counters) -> Result<(), StoreError> {
         let entries = match std::fs::read_dir(&self.blobs_dir) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),

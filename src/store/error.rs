@@ -21,6 +21,11 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// The commit log (`<dir>/sheaf-commit-log`, see `store::commit_log`) holds a damaged
+    /// record that was acknowledged, or one that does not decode. The store does not open:
+    /// replaying past it would lose that batch silently. The files are left as they are.
+    #[error("commit log damaged at byte {offset}: {reason}")]
+    CommitLog { offset: u64, reason: String },
     /// The writer thread is gone (the store is being dropped).
     #[error("the store's writer thread has stopped")]
     Closed,

@@ -14,9 +14,12 @@
 //!   (`load`): one bad chunk costs the edits in it, not the note.
 //! - **Durable means fsynced.** sled's `flush()` is `sync_file_range`, which survives a process
 //!   crash but not power loss, and sled never fsyncs its blob files. A single writer thread
-//!   group-commits (`writer`): one sled transaction, one flush and one fdatasync (plus fsyncs
-//!   of new blob files, see `durability`) per batch, shared by every waiting writer, and only
-//!   then the callbacks.
+//!   group-commits (`writer`): per batch, shared by every waiting writer, one sled transaction,
+//!   one record appended to our own commit log and one fdatasync of it (`commit_log`: a
+//!   quarter of what sled's flush plus an fdatasync cost), and only then the callbacks. Now
+//!   and then a checkpoint makes sled itself durable (flush, fdatasync, fsyncs of new blob
+//!   files: `durability`) and the log starts over; at open the log's records since the last
+//!   checkpoint are applied again.
 //! - **Cheap open and list.** A separate `docs` tree holds one key per document, so
 //!   [`Store::list_documents`] reads ids only; sizes for the compaction policy are learned
 //!   lazily (`sizes`), nothing is scanned at open.
@@ -28,6 +31,7 @@
 //! - `quarantine`: chunks that failed verification, under their original key, bytes untouched.
 
 mod checksum;
+mod commit_log;
 mod config;
 mod durability;
 mod error;
@@ -54,6 +58,7 @@ pub use plan::WriteOp;
 pub use stats::StoreStats;
 
 use crate::id::DocumentId;
+use commit_log::{CommitLog, Recovered};
 use durability::Durability;
 
 // For the fuzz harness (`crate::fuzzing`), which writes raw keys and values.
@@ -102,6 +107,7 @@ impl Store {
             let opened = sled::Config::new()
                 .path(path)
                 .cache_capacity(config.cache_capacity_bytes)
+                .flush_every_ms(config.sled_flush_every_ms)
                 .open()
                 .map_err(|e| map_open_error(path, e));
             match opened {
@@ -113,7 +119,8 @@ impl Store {
         };
         let counters = Arc::new(Counters::default());
         let durability = Durability::open(path, &counters)?;
-        Self::start(db, Some(durability), config, counters)
+        let log = CommitLog::open(path, config.commit_log_bytes)?;
+        Self::start(db, Some((durability, log)), config, counters)
     }
 
     /// A store in a temporary directory that sled deletes on drop; not fsynced. For tests.
@@ -126,15 +133,42 @@ impl Store {
         Self::start(db, None, config, Arc::new(Counters::default()))
     }
 
+    /// `durable`: how batches are made durable, and what the commit log holds to replay
+    /// (`None` for a temporary store).
     fn start(
         db: sled::Db,
-        durability: Option<Durability>,
+        durable: Option<(Durability, (CommitLog, Recovered))>,
         config: StoreConfig,
         counters: Arc<Counters>,
     ) -> Result<Store, StoreError> {
         let data = db.open_tree("data")?;
         let docs = db.open_tree("docs")?;
         let quarantine = db.open_tree("quarantine")?;
+        let (durability, log) = match durable {
+            None => (None, None),
+            Some((mut durability, (mut log, recovered))) => {
+                if recovered.records > 0 {
+                    // Batches acknowledged before a crash: into sled, and durable there, before
+                    // anything reads the store or writes a new record.
+                    writer::apply_writes(
+                        &data,
+                        &docs,
+                        &recovered.writes.data,
+                        &recovered.writes.docs,
+                    )?;
+                    db.flush()?;
+                    durability.sync(&counters)?;
+                    log.restart()?;
+                    Counters::add(&counters.replayed_records, recovered.records);
+                    tracing::info!(
+                        records = recovered.records,
+                        "replayed the commit log after an unclean shutdown"
+                    );
+                }
+                let log = (config.commit_log_bytes > 0).then_some(log);
+                (Some(durability), log)
+            }
+        };
         let sizes = Arc::new(SizeTable::default());
         let failure = Arc::new(std::sync::OnceLock::new());
         let (tx, rx) = mpsc::channel();
@@ -143,6 +177,7 @@ impl Store {
             data: data.clone(),
             docs: docs.clone(),
             durability,
+            log,
             sizes: sizes.clone(),
             counters: counters.clone(),
             config: config.clone(),

@@ -5,11 +5,19 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 /// A snapshot of the store's counters since open.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StoreStats {
-    /// `fdatasync` calls on the database file: one per committed batch.
+    /// `fdatasync` calls that made batches durable: one per committed batch, on the commit log
+    /// or, at a checkpoint, on sled's database file.
     pub fsyncs: u64,
+    /// Batches made durable by a commit log record (the others took a checkpoint).
+    pub log_records: u64,
+    /// Checkpoints: sled flushed and synced, and the commit log started over.
+    pub checkpoints: u64,
+    /// Commit log records replayed into sled when the store was opened (batches acknowledged
+    /// before a crash that sled itself had not made durable).
+    pub replayed_records: u64,
     /// `fsync` calls on sled blob files and the `blobs/` directory (see `durability`).
     pub blob_fsyncs: u64,
-    /// Batches committed (each: one sled transaction, one flush, one fsync).
+    /// Batches committed (each: one sled transaction and one fsync).
     pub batches: u64,
     /// Write requests (calls to `write`) made durable.
     pub requests: u64,
@@ -22,7 +30,8 @@ pub struct StoreStats {
     /// Chunks found corrupt and quarantined by `load`.
     pub corrupt_chunks: u64,
     /// Time the writer spent in each phase of its batches, in nanoseconds: building the plan
-    /// and applying it in a sled transaction; sled's `flush()`; `fdatasync` plus blob fsyncs.
+    /// and applying it to sled; sled's `flush()` (checkpoints only); the commit log's write and
+    /// `fdatasync`, or at a checkpoint sled's `fdatasync` plus blob fsyncs.
     pub apply_nanos: u64,
     pub flush_nanos: u64,
     pub sync_nanos: u64,
@@ -31,6 +40,9 @@ pub struct StoreStats {
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
     pub fsyncs: AtomicU64,
+    pub log_records: AtomicU64,
+    pub checkpoints: AtomicU64,
+    pub replayed_records: AtomicU64,
     pub blob_fsyncs: AtomicU64,
     pub batches: AtomicU64,
     pub requests: AtomicU64,
@@ -58,6 +70,9 @@ impl Counters {
     pub fn snapshot(&self) -> StoreStats {
         StoreStats {
             fsyncs: self.fsyncs.load(Relaxed),
+            log_records: self.log_records.load(Relaxed),
+            checkpoints: self.checkpoints.load(Relaxed),
+            replayed_records: self.replayed_records.load(Relaxed),
             blob_fsyncs: self.blob_fsyncs.load(Relaxed),
             batches: self.batches.load(Relaxed),
             requests: self.requests.load(Relaxed),

@@ -2,12 +2,14 @@
 //!
 //! Every `write` becomes a request on a channel. The writer blocks for one request, then takes
 //! every other request already waiting (up to `max_batch_ops` / `max_batch_bytes`), applies
-//! all their ops atomically (one sled batch, or one transaction when the `docs` index changes
-//! too), calls `Db::flush()`, then [`Durability::sync`] (fdatasync of the log, fsync of new
-//! blob files), and only then runs the callbacks. Concurrent writers therefore share one
-//! flush and one fsync: the more of them there are, the bigger the batches.
+//! all their ops atomically to sled's trees (one sled batch, or one transaction when the `docs`
+//! index changes too), appends their key changes to the commit log and syncs it (one `pwrite`,
+//! one `fdatasync`: see `commit_log`), and only then runs the callbacks. Concurrent writers
+//! therefore share one fsync: the more of them there are, the bigger the batches. When the log
+//! is full, or off, the batch takes a checkpoint instead: `Db::flush()`, then
+//! [`Durability::sync`] (fdatasync of sled's file, fsync of new blob files).
 //!
-//! A failed flush or fsync poisons the writer: after a failed fsync the kernel may have dropped
+//! A failed write, flush or fsync poisons the writer: after a failed fsync the kernel may have dropped
 //! the dirty pages, so no later write could honestly be called durable. So does any error from
 //! sled while writing (a full disk, a file over its size limit): sled 0.34 has then reserved
 //! log space it will never fill, and its next `flush()` waits for it forever (seen with a
@@ -16,12 +18,14 @@
 //! [`super::Store::failure`] says why (a repo stops its engine on it), and the database is
 //! kept open to the end of the process, since dropping a sled tree flushes it too.
 
+use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 
 use sled::transaction::{TransactionError, Transactional};
 
+use super::commit_log::{self, CommitLog};
 use super::config::StoreConfig;
 use super::durability::Durability;
 use super::keys::chunk_range;
@@ -30,6 +34,10 @@ use super::sizes::SizeTable;
 use super::stats::Counters;
 use super::StoreError;
 use crate::id::DocumentId;
+
+/// Values above this size are not logged (see `Writer::make_durable`); sled writes items over
+/// about 128 KiB (a quarter of its 512 KiB segments) to blob files.
+const LOG_MAX_VALUE: usize = 64 * 1024;
 
 pub(crate) type Callback = Box<dyn FnOnce(Result<(), StoreError>) + Send + 'static>;
 
@@ -48,7 +56,7 @@ fn wedges_sled(e: &StoreError) -> bool {
         ),
         StoreError::BatchFailed(e) => wedges_sled(e),
         StoreError::Io { .. } | StoreError::Poisoned(_) => true,
-        StoreError::Locked { .. } | StoreError::Closed => false,
+        StoreError::Locked { .. } | StoreError::Closed | StoreError::CommitLog { .. } => false,
     }
 }
 
@@ -57,6 +65,9 @@ pub(crate) struct Writer {
     pub data: sled::Tree,
     pub docs: sled::Tree,
     pub durability: Option<Durability>,
+    /// Where batches are made durable; `None` for a temporary store or with the log turned off
+    /// (then every batch takes a checkpoint: sled's flush and an `fdatasync`).
+    pub log: Option<CommitLog>,
     pub sizes: Arc<SizeTable>,
     pub counters: Arc<Counters>,
     pub config: StoreConfig,
@@ -114,6 +125,14 @@ impl Writer {
                 }
             }
             self.commit_group(group);
+        }
+        // A clean close leaves the log empty, so the next open has nothing to replay. Not after
+        // a failure: a flush of a wedged sled never returns.
+        let logged = self.log.as_ref().is_some_and(|l| !l.is_empty());
+        if logged && self.failure.get().is_none() {
+            if let Err(e) = self.checkpoint(&mut std::time::Instant::now()) {
+                tracing::error!(error = %e, "checkpoint at close failed; the next open replays the commit log");
+            }
         }
         tracing::debug!("store writer: channel closed, exiting");
     }
@@ -184,55 +203,108 @@ impl Writer {
     }
 
     fn commit(&mut self, plan: &Plan, lap: &mut std::time::Instant) -> Result<(), StoreError> {
-        if !plan.data.is_empty() || !plan.docs.is_empty() {
-            let mut data = sled::Batch::default();
-            for (k, v) in &plan.data {
-                match v {
-                    Some(v) => data.insert(k.as_slice(), v.as_slice()),
-                    None => data.remove(k.as_slice()),
-                }
-            }
-            let mut docs = sled::Batch::default();
-            for (k, listed) in &plan.docs {
-                if *listed {
-                    docs.insert(&k[..], &[][..]);
-                } else {
-                    docs.remove(&k[..]);
-                }
-            }
-            if plan.docs.is_empty() {
-                // The common case, appends to listed notes: one tree, to which sled applies a
-                // batch atomically. A transaction would cost a read per key written.
-                self.data.apply_batch(data)?;
-            } else {
-                (&self.data, &self.docs)
-                    .transaction(|(d, x)| {
-                        d.apply_batch(&data)?;
-                        x.apply_batch(&docs)?;
-                        Ok(())
-                    })
-                    .map_err(|e: TransactionError<()>| match e {
-                        TransactionError::Storage(e) => StoreError::Sled(e),
-                        TransactionError::Abort(()) => {
-                            StoreError::Sled(sled::Error::Unsupported("transaction aborted".into()))
-                        }
-                    })?;
-            }
-        }
+        apply_writes(&self.data, &self.docs, &plan.data, &plan.docs)?;
         Counters::lap(&self.counters.apply_nanos, lap);
         // From here on a failure leaves the log in an unknown state: poison.
-        let synced = self.db.flush().map_err(StoreError::from).and_then(|_| {
-            Counters::lap(&self.counters.flush_nanos, lap);
-            let r = match &mut self.durability {
-                Some(d) => d.sync(&self.counters),
-                None => Ok(()),
-            };
-            Counters::lap(&self.counters.sync_nanos, lap);
-            r
-        });
-        if let Err(e) = &synced {
+        let durable = self.make_durable(plan, lap);
+        if let Err(e) = &durable {
             self.poison(e.to_string());
         }
-        synced
+        durable
     }
+
+    /// One record in the commit log, or a checkpoint when there is no log or the record does
+    /// not fit (see `commit_log`).
+    fn make_durable(
+        &mut self,
+        plan: &Plan,
+        lap: &mut std::time::Instant,
+    ) -> Result<(), StoreError> {
+        if let Some(log) = &mut self.log {
+            if plan.data.is_empty() && plan.docs.is_empty() {
+                // Every earlier batch was durable before its callbacks ran.
+                return Ok(());
+            }
+            // A value big enough to become a sled blob file takes a checkpoint, which syncs
+            // that file at once: logged, it would wait for the next checkpoint, and after a
+            // power loss sled's own log could point at a blob that never reached the disk.
+            let big = plan
+                .data
+                .values()
+                .any(|v| v.as_ref().is_some_and(|v| v.len() > LOG_MAX_VALUE));
+            if !big && log.append(&commit_log::encode(&plan.data, &plan.docs))? {
+                Counters::add(&self.counters.fsyncs, 1);
+                Counters::add(&self.counters.log_records, 1);
+                // Blob files sled wrote on its own since the last batch (node rewrites).
+                if let Some(d) = &mut self.durability {
+                    d.sync_blobs(&self.counters)?;
+                }
+                Counters::lap(&self.counters.sync_nanos, lap);
+                return Ok(());
+            }
+        }
+        self.checkpoint(lap)
+    }
+
+    /// Makes everything applied to sled so far durable in sled itself (flush, `fdatasync`,
+    /// blob fsyncs), then starts a new generation of the commit log.
+    fn checkpoint(&mut self, lap: &mut std::time::Instant) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Counters::lap(&self.counters.flush_nanos, lap);
+        if let Some(d) = &mut self.durability {
+            d.sync(&self.counters)?;
+        }
+        if let Some(log) = &mut self.log {
+            log.restart()?;
+            Counters::add(&self.counters.checkpoints, 1);
+        }
+        Counters::lap(&self.counters.sync_nanos, lap);
+        Ok(())
+    }
+}
+
+/// Applies a batch's key changes to the trees: atomically (sled applies a batch to one tree
+/// atomically; a transaction when the `docs` index changes too).
+pub(crate) fn apply_writes(
+    data_tree: &sled::Tree,
+    docs_tree: &sled::Tree,
+    data_writes: &BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    docs_writes: &BTreeMap<[u8; 16], bool>,
+) -> Result<(), StoreError> {
+    if data_writes.is_empty() && docs_writes.is_empty() {
+        return Ok(());
+    }
+    let mut data = sled::Batch::default();
+    for (k, v) in data_writes {
+        match v {
+            Some(v) => data.insert(k.as_slice(), v.as_slice()),
+            None => data.remove(k.as_slice()),
+        }
+    }
+    if docs_writes.is_empty() {
+        // The common case, appends to listed notes: one tree, to which sled applies a batch
+        // atomically. A transaction would cost a read per key written.
+        data_tree.apply_batch(data)?;
+        return Ok(());
+    }
+    let mut docs = sled::Batch::default();
+    for (k, listed) in docs_writes {
+        if *listed {
+            docs.insert(&k[..], &[][..]);
+        } else {
+            docs.remove(&k[..]);
+        }
+    }
+    (data_tree, docs_tree)
+        .transaction(|(d, x)| {
+            d.apply_batch(&data)?;
+            x.apply_batch(&docs)?;
+            Ok(())
+        })
+        .map_err(|e: TransactionError<()>| match e {
+            TransactionError::Storage(e) => StoreError::Sled(e),
+            TransactionError::Abort(()) => {
+                StoreError::Sled(sled::Error::Unsupported("transaction aborted".into()))
+            }
+        })
 }
