@@ -398,3 +398,32 @@ fn a_refused_batched_load_falls_back_to_chunk_by_chunk() {
         CorruptReason::NotAutomerge(_)
     ));
 }
+
+/// A commit log smaller than what is written: batches that do not fit take a checkpoint and
+/// the log starts over; everything is there after a reopen, and a clean close leaves nothing
+/// to replay and gives the log's space back.
+#[test]
+fn a_full_commit_log_takes_a_checkpoint_and_starts_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = StoreConfig {
+        commit_log_bytes: 2048,
+        ..StoreConfig::default()
+    };
+    let store = Store::open(dir.path(), config.clone()).unwrap();
+    let id = DocumentId::random();
+    let mut d = AutoCommit::new();
+    for chunk in edits(&mut d, 0, 60) {
+        write_sync(&store, vec![append(id, chunk)]).unwrap();
+    }
+    let st = store.stats();
+    assert_eq!(st.batches, 60);
+    assert!(st.log_records > 0 && st.checkpoints > 0, "{st:?}");
+    assert_eq!(st.log_records + st.checkpoints, 60, "{st:?}");
+    drop(store);
+    let log = dir.path().join("sheaf-commit-log");
+    assert_eq!(std::fs::metadata(&log).unwrap().len(), 4096);
+    let store = Store::open(dir.path(), config).unwrap();
+    assert_eq!(store.stats().replayed_records, 0);
+    let l = store.load(&id).unwrap().unwrap();
+    assert_eq!(l.doc.get_heads(), d.get_heads());
+}

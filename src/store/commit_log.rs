@@ -427,6 +427,19 @@ impl CommitLog {
         Ok(())
     }
 
+    /// After a checkpoint at a clean close: the records are no longer needed, so give their
+    /// space back (the header stays; a crash in between leaves a log with nothing to replay).
+    pub fn shrink(&mut self) -> Result<(), StoreError> {
+        if self.pos != RECORDS {
+            return Ok(());
+        }
+        self.file
+            .set_len(RECORDS)
+            .map_err(|e| StoreError::io("truncating the commit log", e))?;
+        self.filled = RECORDS;
+        Ok(())
+    }
+
     /// Whether anything was logged since the last [`CommitLog::restart`].
     pub fn is_empty(&self) -> bool {
         self.pos == RECORDS

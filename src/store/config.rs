@@ -30,7 +30,9 @@ pub struct StoreConfig {
     /// after the load is a clone and a save of a note that is in memory anyway.
     pub compaction_on_load_min_bytes: u64,
     /// Bytes of records the commit log holds between checkpoints (see `store::commit_log`);
-    /// the file is this plus 4 KiB. 0 turns the log off: every batch then flushes and syncs
+    /// the file grows to this plus 4 KiB while the store is open (a clean close truncates
+    /// it), and a checkpoint (a sled flush and fsyncs) comes once per this many bytes logged:
+    /// 2 MiB, some 10,000 keystrokes. 0 turns the log off: every batch then flushes and syncs
     /// sled itself, 4-5x slower per batch. A log left by an earlier run is replayed either way.
     pub commit_log_bytes: u64,
     /// sled's own background flush of its log, every this many milliseconds (`None`: only when
@@ -50,7 +52,7 @@ impl Default for StoreConfig {
             compaction_factor: 8,
             compaction_max_chunks: 2_000,
             compaction_on_load_min_bytes: 64 * 1024,
-            commit_log_bytes: 8 * 1024 * 1024,
+            commit_log_bytes: 2 * 1024 * 1024,
             sled_flush_every_ms: Some(500),
         }
     }

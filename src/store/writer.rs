@@ -130,8 +130,15 @@ impl Writer {
         // a failure: a flush of a wedged sled never returns.
         let logged = self.log.as_ref().is_some_and(|l| !l.is_empty());
         if logged && self.failure.get().is_none() {
-            if let Err(e) = self.checkpoint(&mut std::time::Instant::now()) {
-                tracing::error!(error = %e, "checkpoint at close failed; the next open replays the commit log");
+            match self.checkpoint(&mut std::time::Instant::now()) {
+                Ok(()) => {
+                    if let Some(Err(e)) = self.log.as_mut().map(CommitLog::shrink) {
+                        tracing::warn!(error = %e, "could not truncate the commit log at close");
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "checkpoint at close failed; the next open replays the commit log")
+                }
             }
         }
         tracing::debug!("store writer: channel closed, exiting");
