@@ -427,3 +427,51 @@ fn a_full_commit_log_takes_a_checkpoint_and_starts_over() {
     let l = store.load(&id).unwrap().unwrap();
     assert_eq!(l.doc.get_heads(), d.get_heads());
 }
+
+/// A load that runs while the note is being written and compacted (the commit log applies a
+/// batch key by key) sees at least every edit acknowledged before it started.
+#[test]
+fn a_load_during_writes_and_compactions_sees_every_acknowledged_edit() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreConfig::default()).unwrap();
+    let id = DocumentId::random();
+    let acked = AtomicUsize::new(0);
+    let done = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let reader = s.spawn(|| {
+            let mut loads = 0;
+            while !done.load(Ordering::Acquire) {
+                let want = acked.load(Ordering::Acquire);
+                let Some(l) = store.load(&id).unwrap() else {
+                    assert_eq!(want, 0);
+                    continue;
+                };
+                assert!(l.corrupt.is_empty(), "{:?}", l.corrupt);
+                let have = l.doc.keys(ROOT).count();
+                assert!(
+                    have >= want,
+                    "a load saw {have} edits, {want} were acknowledged"
+                );
+                loads += 1;
+            }
+            loads
+        });
+        let mut d = AutoCommit::new();
+        for i in 0..400 {
+            let mut ops = vec![append(id, edits(&mut d, i, 1).remove(0))];
+            if i % 4 == 3 {
+                ops.push(WriteOp::Compact {
+                    doc: id,
+                    snapshot: d.save(),
+                });
+            }
+            write_sync(&store, ops).unwrap();
+            acked.store(i + 1, Ordering::Release);
+        }
+        done.store(true, Ordering::Release);
+        let loads = reader.join().unwrap();
+        assert!(loads > 10, "the reader ran {loads} loads only");
+    });
+    assert!(store.stats().log_records >= 400);
+}

@@ -183,7 +183,8 @@ const LOG_ENV: &str = "SHEAF_LOG_CHILD_DIR";
 const LOG_EDITS: u64 = 40;
 
 /// The child of the next test: acknowledged writes that sled itself never wrote out (its own
-/// background flush is off), then it waits to be killed.
+/// background flush is off), continuing the note a previous child left; then it waits to be
+/// killed.
 #[test]
 fn log_child() {
     let Ok(dir) = std::env::var(LOG_ENV) else {
@@ -194,8 +195,16 @@ fn log_child() {
         ..StoreConfig::default()
     };
     let store = Store::open(&dir, config).expect("child: open");
-    let mut d = AutoCommit::new();
-    for n in 0..LOG_EDITS {
+    let (mut d, from) = match store.load(&doc_id(0)).expect("child: load") {
+        Some(l) => {
+            let next = edit_numbers(&l.doc).into_iter().max().map_or(0, |n| n + 1);
+            let mut d = AutoCommit::load(&l.doc.save()).unwrap();
+            let _ = d.save_incremental(); // everything loaded is already stored
+            (d, next)
+        }
+        None => (AutoCommit::new(), 0),
+    };
+    for n in from..from + LOG_EDITS {
         d.put(ROOT, format!("k{n}"), n as i64).unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         let op = WriteOp::AppendChunk {
@@ -210,41 +219,51 @@ fn log_child() {
     std::thread::sleep(Duration::from_secs(60));
 }
 
+/// Three children in turn, each killed after its writes were acknowledged: every reopen finds
+/// every edit so far, from records only the commit log had. (Three, because a second process
+/// numbering its chunks as the first did would overwrite them: sled's id generator persists
+/// its counter lazily, see `Writer::next_seq`.)
 #[test]
 fn acknowledged_batches_only_in_the_commit_log_survive_kill_9() {
     if std::env::var(LOG_ENV).is_ok() || std::env::var(ENV).is_ok() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "log_child", "--nocapture", "--test-threads=1"])
-        .env(LOG_ENV, dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let done = BufReader::new(child.stdout.take().unwrap())
-        .lines()
-        .map_while(Result::ok)
-        .any(|l| l.ends_with("DONE")); // libtest may print "test log_child ... " first
-    child.kill().unwrap();
-    child.wait().unwrap();
-    assert!(done, "the child did not finish its writes");
+    for round in 1..=3u64 {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "log_child", "--nocapture", "--test-threads=1"])
+            .env(LOG_ENV, dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let done = BufReader::new(child.stdout.take().unwrap())
+            .lines()
+            .map_while(Result::ok)
+            .any(|l| l.ends_with("DONE")); // libtest may print "test log_child ... " first
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(done, "round {round}: the child did not finish its writes");
 
-    let store = Store::open(dir.path(), StoreConfig::default()).unwrap();
-    // One record per acknowledged write, none of which sled had on disk.
-    assert_eq!(store.stats().replayed_records, LOG_EDITS);
-    let l = store.load(&doc_id(0)).unwrap().expect("the note is listed");
-    assert!(l.corrupt.is_empty(), "{:?}", l.corrupt);
-    let mut have = edit_numbers(&l.doc);
-    have.sort();
-    assert_eq!(have, (0..LOG_EDITS).collect::<Vec<_>>());
-    // Replayed once: the checkpoint after the replay leaves nothing for the next open.
-    drop(store);
-    let store = Store::open(dir.path(), StoreConfig::default()).unwrap();
-    assert_eq!(store.stats().replayed_records, 0);
-    assert_eq!(
-        edit_numbers(&store.load(&doc_id(0)).unwrap().unwrap().doc).len() as u64,
-        LOG_EDITS
-    );
+        let store = Store::open(dir.path(), StoreConfig::default()).unwrap();
+        // One record per acknowledged write, none of which sled had on disk.
+        assert_eq!(store.stats().replayed_records, LOG_EDITS, "round {round}");
+        let l = store.load(&doc_id(0)).unwrap().expect("the note is listed");
+        assert!(l.corrupt.is_empty(), "{:?}", l.corrupt);
+        let mut have = edit_numbers(&l.doc);
+        have.sort();
+        assert_eq!(
+            have,
+            (0..round * LOG_EDITS).collect::<Vec<_>>(),
+            "round {round}"
+        );
+        // Replayed once: the checkpoint after the replay leaves nothing for the next open.
+        drop(store);
+        let store = Store::open(dir.path(), StoreConfig::default()).unwrap();
+        assert_eq!(store.stats().replayed_records, 0);
+        assert_eq!(
+            edit_numbers(&store.load(&doc_id(0)).unwrap().unwrap().doc).len() as u64,
+            round * LOG_EDITS
+        );
+    }
 }

@@ -62,6 +62,13 @@ impl Durability {
         Ok(this)
     }
 
+    /// `fdatasync` of sled's database file only (see `Writer::next_seq`).
+    pub fn sync_db(&self) -> Result<(), StoreError> {
+        self.db_file
+            .sync_data()
+            .map_err(|e| StoreError::io("fdatasync of the database file", e))
+    }
+
     /// Call after `Db::flush()`: makes everything flushed so far durable.
     pub fn sync(&mut self, counters: &Counters) -> Result<(), StoreError> {
         self.db_file

@@ -108,6 +108,7 @@ impl Store {
                 .path(path)
                 .cache_capacity(config.cache_capacity_bytes)
                 .flush_every_ms(config.sled_flush_every_ms)
+                .idgen_persist_interval(writer::IDGEN_PERSIST_INTERVAL)
                 .open()
                 .map_err(|e| map_open_error(path, e));
             match opened {

@@ -35,6 +35,9 @@ use super::stats::Counters;
 use super::StoreError;
 use crate::id::DocumentId;
 
+/// sled's `idgen_persist_interval`, set explicitly at open (see `Writer::next_seq`).
+pub(crate) const IDGEN_PERSIST_INTERVAL: u64 = 1_000_000;
+
 /// Values above this size are not logged (see `Writer::make_durable`); sled writes items over
 /// about 128 KiB (a quarter of its 512 KiB segments) to blob files.
 const LOG_MAX_VALUE: usize = 64 * 1024;
@@ -92,8 +95,23 @@ impl Committed for Writer {
             .collect()
     }
 
+    /// sled's id generator persists its counter once per [`IDGEN_PERSIST_INTERVAL`] ids, and
+    /// after a crash resumes at the last persisted counter plus twice that. But it leaves the
+    /// new counter in its IO buffer: only a later flush of sled makes it durable. Batches made
+    /// durable by the commit log never flush sled, so a crash would lose the counter and the
+    /// next process would hand out the same ids again, and its chunks would overwrite stored
+    /// ones. So the id that makes sled persist its counter (the first of each interval, the
+    /// first after a restart among them) is followed by a flush and an fdatasync of sled,
+    /// before any chunk numbered from the new range is written.
     fn next_seq(&self) -> Result<u64, StoreError> {
-        Ok(self.db.generate_id()?)
+        let id = self.db.generate_id()?;
+        if id % IDGEN_PERSIST_INTERVAL == 0 {
+            self.db.flush()?;
+            if let Some(d) = &self.durability {
+                d.sync_db()?;
+            }
+        }
+        Ok(id)
     }
 }
 
@@ -209,48 +227,61 @@ impl Writer {
         }
     }
 
+    /// With the commit log the record comes first and the key changes after it, one by one:
+    /// sled's `apply_batch` makes a batch atomic in its own log by writing out its IO buffer
+    /// twice (a seal before and after, each a `pwrite` and a `sync_file_range` on a sled IO
+    /// thread, which wakes all of them), and the log's replay already makes the batch atomic
+    /// after a crash. Without the log (or for a batch that takes a checkpoint) the batch is
+    /// applied atomically and sled is made durable.
     fn commit(&mut self, plan: &Plan, lap: &mut std::time::Instant) -> Result<(), StoreError> {
-        apply_writes(&self.data, &self.docs, &plan.data, &plan.docs)?;
-        Counters::lap(&self.counters.apply_nanos, lap);
-        // From here on a failure leaves the log in an unknown state: poison.
-        let durable = self.make_durable(plan, lap);
-        if let Err(e) = &durable {
+        let logged = self.log_first(plan, lap);
+        let result = match logged {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                apply_writes(&self.data, &self.docs, &plan.data, &plan.docs).and_then(|()| {
+                    Counters::lap(&self.counters.apply_nanos, lap);
+                    self.checkpoint(lap)
+                })
+            }
+            Err(e) => Err(e),
+        };
+        // A failure here leaves sled or the log in an unknown state: poison.
+        if let Err(e) = &result {
             self.poison(e.to_string());
         }
-        durable
+        result
     }
 
-    /// One record in the commit log, or a checkpoint when there is no log or the record does
-    /// not fit (see `commit_log`).
-    fn make_durable(
-        &mut self,
-        plan: &Plan,
-        lap: &mut std::time::Instant,
-    ) -> Result<(), StoreError> {
-        if let Some(log) = &mut self.log {
-            if plan.data.is_empty() && plan.docs.is_empty() {
-                // Every earlier batch was durable before its callbacks ran.
-                return Ok(());
-            }
-            // A value big enough to become a sled blob file takes a checkpoint, which syncs
-            // that file at once: logged, it would wait for the next checkpoint, and after a
-            // power loss sled's own log could point at a blob that never reached the disk.
-            let big = plan
-                .data
-                .values()
-                .any(|v| v.as_ref().is_some_and(|v| v.len() > LOG_MAX_VALUE));
-            if !big && log.append(&commit_log::encode(&plan.data, &plan.docs))? {
-                Counters::add(&self.counters.fsyncs, 1);
-                Counters::add(&self.counters.log_records, 1);
-                // Blob files sled wrote on its own since the last batch (node rewrites).
-                if let Some(d) = &mut self.durability {
-                    d.sync_blobs(&self.counters)?;
-                }
-                Counters::lap(&self.counters.sync_nanos, lap);
-                return Ok(());
-            }
+    /// The batch as one commit log record, then applied to sled; `Ok(false)` when it takes a
+    /// checkpoint instead (no log, a value sled would put in a blob file, or no room left).
+    fn log_first(&mut self, plan: &Plan, lap: &mut std::time::Instant) -> Result<bool, StoreError> {
+        let Some(log) = &mut self.log else {
+            return Ok(false);
+        };
+        if plan.data.is_empty() && plan.docs.is_empty() {
+            // Every earlier batch was durable before its callbacks ran.
+            return Ok(true);
         }
-        self.checkpoint(lap)
+        // A value big enough to become a sled blob file takes a checkpoint, which syncs that
+        // file at once: logged, it would wait for the next checkpoint, and after a power loss
+        // sled's own log could point at a blob that never reached the disk.
+        let big = plan
+            .data
+            .values()
+            .any(|v| v.as_ref().is_some_and(|v| v.len() > LOG_MAX_VALUE));
+        if big || !log.append(&commit_log::encode(&plan.data, &plan.docs))? {
+            return Ok(false);
+        }
+        Counters::add(&self.counters.fsyncs, 1);
+        Counters::add(&self.counters.log_records, 1);
+        Counters::lap(&self.counters.sync_nanos, lap);
+        apply_in_order(&self.data, &self.docs, &plan.data, &plan.docs)?;
+        Counters::lap(&self.counters.apply_nanos, lap);
+        // Blob files sled wrote on its own since the last batch (node rewrites).
+        if let Some(d) = &mut self.durability {
+            d.sync_blobs(&self.counters)?;
+        }
+        Ok(true)
     }
 
     /// Makes everything applied to sled so far durable in sled itself (flush, `fdatasync`,
@@ -268,6 +299,39 @@ impl Writer {
         Counters::lap(&self.counters.sync_nanos, lap);
         Ok(())
     }
+}
+
+/// Applies a logged batch's key changes one by one, in an order that never shows a reader
+/// less than before: values put before keys removed (a compaction's snapshot is there before
+/// the chunks it covers go), a note listed after its chunks are in and unlisted before they
+/// are removed.
+fn apply_in_order(
+    data_tree: &sled::Tree,
+    docs_tree: &sled::Tree,
+    data_writes: &BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    docs_writes: &BTreeMap<[u8; 16], bool>,
+) -> Result<(), StoreError> {
+    for (k, v) in data_writes {
+        if let Some(v) = v {
+            data_tree.insert(k.as_slice(), v.as_slice())?;
+        }
+    }
+    for (k, listed) in docs_writes {
+        if *listed {
+            docs_tree.insert(&k[..], &[][..])?;
+        }
+    }
+    for (k, listed) in docs_writes {
+        if !*listed {
+            docs_tree.remove(&k[..])?;
+        }
+    }
+    for (k, v) in data_writes {
+        if v.is_none() {
+            data_tree.remove(k.as_slice())?;
+        }
+    }
+    Ok(())
 }
 
 /// Applies a batch's key changes to the trees: atomically (sled applies a batch to one tree
