@@ -32,6 +32,18 @@ fn edit_numbers(doc: &impl ReadDoc) -> Vec<u64> {
         .collect()
 }
 
+/// This test binary again, running only the child test `name`, with `env` naming `dir`; its
+/// stdout piped.
+fn spawn_child(name: &str, env: &str, dir: &std::path::Path) -> std::process::Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env(env, dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap()
+}
+
 #[test]
 fn crash_child() {
     let Ok(dir) = std::env::var(ENV) else {
@@ -94,20 +106,13 @@ fn kill_9_loses_no_acknowledged_edit() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let exe = std::env::current_exe().unwrap();
     let mut rng = rand::thread_rng();
     let mut acked: Vec<Vec<u64>> = vec![Vec::new(); usize::from(DOCS)];
     let started = Instant::now();
     let mut total_acks = 0;
     let mut replayed = 0;
     for cycle in 0..CYCLES {
-        let mut child = Command::new(&exe)
-            .args(["--exact", "crash_child", "--nocapture", "--test-threads=1"])
-            .env(ENV, dir.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
+        let mut child = spawn_child("crash_child", ENV, dir.path());
         let stdout = child.stdout.take().unwrap();
         let (ack_tx, ack_rx) = std::sync::mpsc::channel::<(u8, u64)>();
         let reader = std::thread::spawn(move || {
@@ -230,13 +235,7 @@ fn acknowledged_batches_only_in_the_commit_log_survive_kill_9() {
     }
     let dir = tempfile::tempdir().unwrap();
     for round in 1..=3u64 {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "log_child", "--nocapture", "--test-threads=1"])
-            .env(LOG_ENV, dir.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
+        let mut child = spawn_child("log_child", LOG_ENV, dir.path());
         let done = BufReader::new(child.stdout.take().unwrap())
             .lines()
             .map_while(Result::ok)

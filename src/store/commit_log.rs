@@ -7,8 +7,8 @@
 //! of the database file (see `durability`): two trips to the disk and two thread hops, 300-450
 //! us per batch on the machine the store bench runs on (row 2). Appending the batch to a file
 //! of our own and syncing it is one `pwrite` and one `fdatasync`: 60-90 us there. So the
-//! writer applies a batch to sled's trees (in memory: readers see it at once, and sled writes
-//! it out on its own schedule), appends the batch's key changes to this log, syncs the log,
+//! writer appends a batch's key changes to this log and syncs it, then applies them to sled's
+//! trees (in memory: readers see them at once, and sled writes them out on its own schedule),
 //! and only then acknowledges the batch.
 //!
 //! # Checkpoints
@@ -26,9 +26,9 @@
 //! some later batches (it writes its log on its own schedule, in any state). Replaying every
 //! record since the checkpoint, in order, leaves each key it mentions with the last value the
 //! log gave it, which is the value it had after the last acknowledged batch; a key the log does
-//! not mention was last written before the checkpoint. A batch applied to sled whose record
-//! was not yet synced when the process died was never acknowledged: it may survive or not, as
-//! with sled alone.
+//! not mention was last written before the checkpoint. A batch reaches sled only after its
+//! record is synced, so sled never holds what the log lacks, and a batch sled got only part of
+//! (the writer applies a logged batch key by key) is made whole by the replay.
 //!
 //! # The file `<dir>/sheaf-commit-log`
 //!

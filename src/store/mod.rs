@@ -14,9 +14,9 @@
 //!   (`load`): one bad chunk costs the edits in it, not the note.
 //! - **Durable means fsynced.** sled's `flush()` is `sync_file_range`, which survives a process
 //!   crash but not power loss, and sled never fsyncs its blob files. A single writer thread
-//!   group-commits (`writer`): per batch, shared by every waiting writer, one sled transaction,
-//!   one record appended to our own commit log and one fdatasync of it (`commit_log`: a
-//!   quarter of what sled's flush plus an fdatasync cost), and only then the callbacks. Now
+//!   group-commits (`writer`): per batch, shared by every waiting writer, one record appended
+//!   to our own commit log and one fdatasync of it (`commit_log`: a quarter of what sled's
+//!   flush plus an fdatasync cost), the keys applied to sled, and only then the callbacks. Now
 //!   and then a checkpoint makes sled itself durable (flush, fdatasync, fsyncs of new blob
 //!   files: `durability`) and the log starts over; at open the log's records since the last
 //!   checkpoint are applied again.

@@ -1,12 +1,13 @@
 //! The single writer thread: group commit.
 //!
 //! Every `write` becomes a request on a channel. The writer blocks for one request, then takes
-//! every other request already waiting (up to `max_batch_ops` / `max_batch_bytes`), applies
-//! all their ops atomically to sled's trees (one sled batch, or one transaction when the `docs`
-//! index changes too), appends their key changes to the commit log and syncs it (one `pwrite`,
-//! one `fdatasync`: see `commit_log`), and only then runs the callbacks. Concurrent writers
-//! therefore share one fsync: the more of them there are, the bigger the batches. When the log
-//! is full, or off, the batch takes a checkpoint instead: `Db::flush()`, then
+//! every other request already waiting (up to `max_batch_ops` / `max_batch_bytes`), turns all
+//! their ops into one set of key changes (`plan`), appends that to the commit log and syncs it
+//! (one `pwrite`, one `fdatasync`: see `commit_log`), applies the keys to sled's trees, and
+//! only then runs the callbacks. Concurrent writers therefore share one fsync: the more of them
+//! there are, the bigger the batches. When the log is full or off, or a value is big enough for
+//! sled to put in a blob file, the batch takes a checkpoint instead: applied atomically (one
+//! sled batch, or one transaction when the `docs` index changes too), then `Db::flush()` and
 //! [`Durability::sync`] (fdatasync of sled's file, fsync of new blob files).
 //!
 //! A failed write, flush or fsync poisons the writer: after a failed fsync the kernel may have dropped
@@ -38,7 +39,7 @@ use crate::id::DocumentId;
 /// sled's `idgen_persist_interval`, set explicitly at open (see `Writer::next_seq`).
 pub(crate) const IDGEN_PERSIST_INTERVAL: u64 = 1_000_000;
 
-/// Values above this size are not logged (see `Writer::make_durable`); sled writes items over
+/// Values above this size are not logged (see `Writer::log_first`); sled writes items over
 /// about 128 KiB (a quarter of its 512 KiB segments) to blob files.
 const LOG_MAX_VALUE: usize = 64 * 1024;
 
