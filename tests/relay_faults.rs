@@ -111,6 +111,18 @@ async fn kill_9_after_acknowledgement_loses_no_acknowledged_change() {
         writer.shutdown().unwrap();
 
         relay = RelayProc::start(data.path(), 0, &[]).await;
+        // What the relay acknowledged since its last open was in its commit log, and the
+        // restart replayed it (an operator sees that in /metrics).
+        let (_, _, metrics) = common::http(relay.addr, "GET", "/metrics").await;
+        let replayed: f64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("sheaf_storage_replayed_records_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no replayed-records series in\n{metrics}"));
+        assert!(
+            replayed > 0.0,
+            "cycle {cycle}: nothing replayed after kill -9"
+        );
         let reader = peer_repo();
         reader.connect(&relay.url()).unwrap();
         for (id, want) in &docs {

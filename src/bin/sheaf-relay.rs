@@ -368,11 +368,21 @@ fn register_metrics(m: &Metrics, repo: &Repo) {
     }
 
     type StorageSeries = (&'static str, &'static str, fn(&StoreStats) -> u64);
-    let storage: [StorageSeries; 3] = [
+    let storage: [StorageSeries; 5] = [
         (
             "sheaf_storage_flushes_total",
-            "Group commits (flush + fdatasync)",
+            "Group commits (one fdatasync each: of the commit log, or of sled at a checkpoint)",
             |s| s.fsyncs,
+        ),
+        (
+            "sheaf_storage_checkpoints_total",
+            "Checkpoints: sled flushed and synced, the commit log started over",
+            |s| s.checkpoints,
+        ),
+        (
+            "sheaf_storage_replayed_records_total",
+            "Commit log records replayed at open (batches acknowledged before a crash)",
+            |s| s.replayed_records,
         ),
         (
             "sheaf_storage_bytes_written_total",
