@@ -140,6 +140,18 @@ async fn kill_9_after_acknowledgement_loses_no_acknowledged_change() {
 // ---------------------------------------------------------------------------------------
 // flapping clients
 
+/// At the default log level the relay logs as it starts. Logs go to stderr, so the first line
+/// on stdout is still the address a supervisor or script reads (`RelayProc` fails to start the
+/// relay otherwise).
+#[tokio::test]
+async fn logs_go_to_stderr_and_stdout_starts_with_the_address() {
+    let data = tempfile::tempdir().unwrap();
+    let relay = RelayProc::start_with_log(data.path(), "info").await;
+    let (status, _, body) = common::http(relay.addr, "GET", "/health").await;
+    assert_eq!((status, body.as_str()), (200, "ok"));
+    relay.terminate().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_that_drop_and_reconnect_while_editing_converge() {
     const CLIENTS: usize = 3;

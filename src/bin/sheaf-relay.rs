@@ -185,7 +185,9 @@ fn token(t: TokenArgs) -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn serve(args: Args) -> anyhow::Result<()> {
+    // Logs on stderr: stdout carries the one line a supervisor or script reads (the address).
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )

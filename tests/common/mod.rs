@@ -436,6 +436,13 @@ impl RelayProc {
         .await
     }
 
+    /// [`RelayProc::start`] with `RUST_LOG` set to `level` (else `warn`).
+    pub async fn start_with_log(data_dir: &Path, level: &str) -> RelayProc {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sheaf-relay"));
+        cmd.env("RUST_LOG", level);
+        Self::spawn(cmd, data_dir, 0, &[]).await
+    }
+
     /// [`RelayProc::start`] under `ulimit -f blocks` with SIGXFSZ ignored: a write past the
     /// limit fails with EFBIG, as one on a full disk fails with ENOSPC. (`sh` counts blocks
     /// of 512 bytes, bash of 1024.)
@@ -450,12 +457,14 @@ impl RelayProc {
     }
 
     async fn spawn(mut cmd: Command, data_dir: &Path, port: u16, extra: &[&str]) -> RelayProc {
+        if !cmd.as_std().get_envs().any(|(k, _)| k == "RUST_LOG") {
+            cmd.env("RUST_LOG", "warn");
+        }
         cmd.arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
             .arg("--data-dir")
             .arg(data_dir)
             .args(extra)
-            .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
