@@ -47,6 +47,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
+use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -329,18 +330,16 @@ impl CommitLog {
     pub fn open(dir: &Path, capacity: u64) -> Result<(CommitLog, Recovered), StoreError> {
         let path = dir.join(FILE_NAME);
         let existed = path.exists();
-        let file = File::options()
+        let mut file = File::options()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .open(&path)
             .map_err(|e| StoreError::io("opening the commit log", e))?;
-        let bytes = if existed {
-            std::fs::read(&path).map_err(|e| StoreError::io("reading the commit log", e))?
-        } else {
-            Vec::new()
-        };
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)
+            .map_err(|e| StoreError::io("reading the commit log", e))?;
         let scan = scan(&bytes)?;
         let mut writes = KeyWrites::default();
         for r in &scan.records {

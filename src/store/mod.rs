@@ -59,6 +59,7 @@ pub use stats::StoreStats;
 
 use crate::id::DocumentId;
 use commit_log::{CommitLog, Recovered};
+
 use durability::Durability;
 
 // For the fuzz harness (`crate::fuzzing`), which writes raw keys and values.
@@ -145,35 +146,14 @@ impl Store {
         let data = db.open_tree("data")?;
         let docs = db.open_tree("docs")?;
         let quarantine = db.open_tree("quarantine")?;
-        let (durability, log) = match durable {
-            None => (None, None),
-            Some((mut durability, (mut log, recovered))) => {
-                if recovered.records > 0 {
-                    // Batches acknowledged before a crash: into sled, and durable there, before
-                    // anything reads the store or writes a new record.
-                    writer::apply_writes(
-                        &data,
-                        &docs,
-                        &recovered.writes.data,
-                        &recovered.writes.docs,
-                    )?;
-                    db.flush()?;
-                    durability.sync(&counters)?;
-                    log.restart()?;
-                    Counters::add(&counters.replayed_records, recovered.records);
-                    tracing::info!(
-                        records = recovered.records,
-                        "replayed the commit log after an unclean shutdown"
-                    );
-                }
-                let log = (config.commit_log_bytes > 0).then_some(log);
-                (Some(durability), log)
-            }
-        };
         let sizes = Arc::new(SizeTable::default());
         let failure = Arc::new(std::sync::OnceLock::new());
         let (tx, rx) = mpsc::channel();
-        let writer = Writer {
+        let (durability, log, recovered) = match durable {
+            None => (None, None, None),
+            Some((durability, (log, recovered))) => (Some(durability), Some(log), Some(recovered)),
+        };
+        let mut writer = Writer {
             db,
             data: data.clone(),
             docs: docs.clone(),
@@ -184,6 +164,14 @@ impl Store {
             config: config.clone(),
             failure: failure.clone(),
         };
+        if let Some(recovered) = recovered {
+            // Batches acknowledged before a crash: into sled, and durable there, before anything
+            // reads the store or writes a new record.
+            writer.replay(recovered)?;
+        }
+        if config.commit_log_bytes == 0 {
+            writer.log = None;
+        }
         let handle = std::thread::Builder::new()
             .name("sheaf-store-writer".into())
             .spawn(move || writer.run(rx))

@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 use sled::transaction::{TransactionError, Transactional};
 
-use super::commit_log::{self, CommitLog};
+use super::commit_log::{self, CommitLog, Recovered};
 use super::config::StoreConfig;
 use super::durability::Durability;
 use super::keys::chunk_range;
@@ -233,24 +233,32 @@ impl Writer {
     /// twice (a seal before and after, each a `pwrite` and a `sync_file_range` on a sled IO
     /// thread, which wakes all of them), and the log's replay already makes the batch atomic
     /// after a crash. Without the log (or for a batch that takes a checkpoint) the batch is
-    /// applied atomically and sled is made durable.
+    /// applied atomically and sled is made durable. An error that leaves sled or the log in an
+    /// unknown state poisons the writer (`commit_group`, `wedges_sled`).
     fn commit(&mut self, plan: &Plan, lap: &mut std::time::Instant) -> Result<(), StoreError> {
-        let logged = self.log_first(plan, lap);
-        let result = match logged {
-            Ok(true) => Ok(()),
-            Ok(false) => {
-                apply_writes(&self.data, &self.docs, &plan.data, &plan.docs).and_then(|()| {
-                    Counters::lap(&self.counters.apply_nanos, lap);
-                    self.checkpoint(lap)
-                })
-            }
-            Err(e) => Err(e),
-        };
-        // A failure here leaves sled or the log in an unknown state: poison.
-        if let Err(e) = &result {
-            self.poison(e.to_string());
+        if self.log_first(plan, lap)? {
+            return Ok(());
         }
-        result
+        apply_writes(&self.data, &self.docs, &plan.data, &plan.docs)?;
+        Counters::lap(&self.counters.apply_nanos, lap);
+        self.checkpoint(lap)
+    }
+
+    /// At open: what the commit log held since its last checkpoint, applied to sled and made
+    /// durable there, so that the log can start over.
+    pub fn replay(&mut self, recovered: Recovered) -> Result<(), StoreError> {
+        if recovered.records == 0 {
+            return Ok(());
+        }
+        let w = &recovered.writes;
+        apply_writes(&self.data, &self.docs, &w.data, &w.docs)?;
+        self.checkpoint(&mut std::time::Instant::now())?;
+        Counters::add(&self.counters.replayed_records, recovered.records);
+        tracing::info!(
+            records = recovered.records,
+            "replayed the commit log after an unclean shutdown"
+        );
+        Ok(())
     }
 
     /// The batch as one commit log record, then applied to sled; `Ok(false)` when it takes a
@@ -276,7 +284,12 @@ impl Writer {
         Counters::add(&self.counters.fsyncs, 1);
         Counters::add(&self.counters.log_records, 1);
         Counters::lap(&self.counters.sync_nanos, lap);
-        apply_in_order(&self.data, &self.docs, &plan.data, &plan.docs)?;
+        if let Err(e) = apply_in_order(&self.data, &self.docs, &plan.data, &plan.docs) {
+            // The log holds a batch sled did not take: no later write may be acknowledged
+            // before a reopen replays it, whatever the error.
+            self.poison(e.to_string());
+            return Err(e);
+        }
         Counters::lap(&self.counters.apply_nanos, lap);
         // Blob files sled wrote on its own since the last batch (node rewrites).
         if let Some(d) = &mut self.durability {
@@ -337,7 +350,7 @@ fn apply_in_order(
 
 /// Applies a batch's key changes to the trees: atomically (sled applies a batch to one tree
 /// atomically; a transaction when the `docs` index changes too).
-pub(crate) fn apply_writes(
+fn apply_writes(
     data_tree: &sled::Tree,
     docs_tree: &sled::Tree,
     data_writes: &BTreeMap<Vec<u8>, Option<Vec<u8>>>,
