@@ -191,7 +191,17 @@ fn new_ls_cat_edit_log_export_import() {
         v,
         serde_json::json!({"n": [1, 2.5, {"a": null}], "ok": true})
     );
-    assert_eq!(ok(sheaf(&dir, &["ls"])).lines().count(), 5);
+    // A JSON import is one change, stored in one write (a failed import leaves no empty
+    // note behind); `{}` imports as an empty note.
+    let log = ok(sheaf(&dir, &["log", &u]));
+    assert_eq!(log.lines().count(), 1, "{log}");
+    std::fs::write(&jf, "{}").unwrap();
+    let empty = ok(sheaf(&dir, &["import", jf.to_str().unwrap()]))
+        .trim()
+        .to_string();
+    assert_eq!(ok(sheaf(&dir, &["cat", &empty])).trim(), "{}");
+    assert_eq!(ok(sheaf(&dir, &["log", &empty])).lines().count(), 1);
+    assert_eq!(ok(sheaf(&dir, &["ls"])).lines().count(), 6);
 }
 
 #[test]

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use automerge::transaction::{CommitOptions, Transactable, Transaction};
-use automerge::{AutomergeError, ChangeHash, ObjId, ObjType, ReadDoc, ScalarValue, Value, ROOT};
+use automerge::{
+    Automerge, AutomergeError, ChangeHash, ObjId, ObjType, ReadDoc, ScalarValue, Value, ROOT,
+};
 use clap::{Parser, Subcommand};
 use sheafdb::engine::PeerSyncStatus;
 use sheafdb::id::URL_PREFIX;
@@ -403,14 +405,26 @@ fn tempfile_dir() -> anyhow::Result<PathBuf> {
 
 async fn import(repo: &Repo, file: &Path, bytes: &[u8]) -> anyhow::Result<DocHandle> {
     if let Ok(serde_json::Value::Object(map)) = serde_json::from_slice(bytes) {
-        let h = repo.create().await?;
-        h.change(|tx| {
-            for (k, v) in &map {
-                put_json(tx, &ROOT, k.as_str().into(), v)?;
-            }
-            Ok(())
-        })?;
-        return Ok(h);
+        // Built in memory and imported whole: the note is stored in one write, so an import
+        // that fails (a full disk) leaves no empty note behind, as creating it first and
+        // then filling it in did.
+        let mut doc = Automerge::new();
+        let mut tx = doc.transaction();
+        for (k, v) in &map {
+            put_json(&mut tx, &ROOT, k.as_str().into(), v)?;
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let options = CommitOptions::default().with_time(now);
+        if tx.pending_ops() == 0 {
+            // `{}`: an empty change, as `Repo::create` makes, so that peers can tell it exists.
+            tx.rollback();
+            doc.empty_commit(options);
+        } else {
+            tx.commit_with(options);
+        }
+        return Ok(repo.import(&doc.save()).await?);
     }
     repo.import(bytes).await.with_context(|| {
         format!(
