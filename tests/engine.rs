@@ -119,6 +119,15 @@ fn has_event(net: &Net, node: usize, f: impl Fn(&Event) -> bool) -> bool {
     net.nodes[node].events.iter().any(f)
 }
 
+/// The connections a node's engine counts as joined peers.
+fn connected(net: &Net, node: usize) -> Vec<ConnId> {
+    net.nodes[node]
+        .engine
+        .connected_peers()
+        .map(|(c, _)| c)
+        .collect()
+}
+
 fn sent_types(net: &Net, from: usize) -> Vec<&'static str> {
     net.sent
         .iter()
@@ -538,12 +547,7 @@ fn corrupt_change_bytes_close_only_that_connection() {
     // `b` still syncs.
     type_into(&mut net, b, &doc, "ok ");
     assert_eq!(net.heads(relay, &doc), net.heads(b, &doc));
-    let peers: Vec<ConnId> = net.nodes[relay]
-        .engine
-        .connected_peers()
-        .map(|(c, _)| c)
-        .collect();
-    assert_eq!(peers, vec![relay_b]);
+    assert_eq!(connected(&net, relay), vec![relay_b]);
 }
 
 /// Changes whose checksums are right but whose contents were forged (any peer can decode a
@@ -744,12 +748,7 @@ fn a_malformed_bloom_filter_closes_only_that_connection() {
         )));
         assert_eq!(net.heads(relay, &doc), net.heads(b, &doc));
         assert_ne!(net.heads(relay, &doc), Some(heads));
-        let peers: Vec<ConnId> = net.nodes[relay]
-            .engine
-            .connected_peers()
-            .map(|(c, _)| c)
-            .collect();
-        assert_eq!(peers, vec![relay_b]);
+        assert_eq!(connected(&net, relay), vec![relay_b]);
     }
 }
 
