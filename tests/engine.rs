@@ -1396,6 +1396,170 @@ fn a_paced_relay_forwards_what_it_holds_before_applying_it() {
     assert_eq!(net.heads(b, &doc), heads);
 }
 
+/// A forged change for `note`'s text: a seq-2 change by an actor the note lacks (its hash
+/// is right; Automerge panics applying it).
+fn seq2_forgery(note: &Automerge) -> automerge::Change {
+    let t = note.get(ROOT, "text").unwrap().unwrap().1;
+    let mut evil = note.fork().with_actor(ActorId::from(vec![9; 16]));
+    let mut tx = evil.transaction();
+    tx.splice_text(&t, 0, 0, "evil").unwrap();
+    tx.commit();
+    let mut forged = evil.get_last_local_change().unwrap().decode();
+    forged.hash = None;
+    forged.seq = 2;
+    automerge::Change::from(forged)
+}
+
+/// A paced relay passes changes on before it applies them, so a forged change reaches the
+/// other peers before the relay finds it out. They refuse it, but the relay is not its
+/// author: they keep their connection (every note of theirs goes over it), or one peer
+/// sending forgeries would cut everyone on a long note off the relay, again and again. The
+/// relay closes the forger when it applies, and the others go on syncing.
+#[test]
+fn a_forged_change_forwarded_by_a_relay_does_not_cut_the_other_peers_off() {
+    let Shared {
+        mut net,
+        relay,
+        a,
+        b,
+        relay_a,
+        relay_b,
+        doc,
+    } = paced_net(20);
+    let c = net.add(peer_config("c"));
+    let (_, relay_c) = net.connect(c, relay);
+    net.push(c, Input::Find { doc });
+    net.settle();
+    type_into(&mut net, a, &doc, "a1 ");
+    type_into(&mut net, b, &doc, "b1 ");
+    assert!(text_of(&net, a, &doc).contains("b1"), "forwarding is on");
+    let forged = seq2_forgery(&net.nodes[a].engine.document(&doc).unwrap().lock());
+    // A third peer's honest change reaches the relay in the same batch, so the relay passes
+    // both on to `b` in one message, and `b` refuses that message whole.
+    let b_conn = connected(&net, b);
+    assert_eq!(b_conn.len(), 1);
+    net.record = true;
+    edit(&net, c, &doc, "c1 ");
+    net.push(c, Input::LocalChange { doc });
+    while net.run_node(c) {}
+    net.deliver_all();
+    push_sync_from_a(
+        &mut net,
+        relay,
+        relay_a,
+        doc,
+        changes_message(vec![forged.hash()], vec![forged.raw_bytes().to_vec()]),
+    );
+    net.settle();
+    assert!(
+        net.sent_sync
+            .iter()
+            .any(|(from, m)| *from == relay && m.changes.iter().count() == 2),
+        "the relay passed both on before applying them"
+    );
+    assert!(has_event(&net, b, |e| matches!(
+        e,
+        Event::ChangesRefused { conn, .. } if *conn == b_conn[0]
+    )));
+    assert!(!has_event(&net, b, |e| matches!(
+        e,
+        Event::PeerError { .. }
+    )));
+    assert!(
+        !net.nodes[b].log.iter().any(|l| l.starts_with("close")),
+        "b keeps its connection: {:?}",
+        net.nodes[b].log
+    );
+    assert_eq!(connected(&net, b), b_conn);
+    // The relay applies, refuses it and closes its author.
+    net.advance(100);
+    net.settle();
+    assert_eq!(connected(&net, relay), vec![relay_b, relay_c]);
+    // `b` goes on syncing through the relay, and has every honest change.
+    type_into(&mut net, b, &doc, "b2 ");
+    net.advance(100);
+    net.settle();
+    assert_eq!(net.heads(relay, &doc), net.heads(b, &doc));
+    let text = text_of(&net, b, &doc);
+    assert!(
+        ["a1", "b1", "b2", "c1"].iter().all(|s| text.contains(s)) && !text.contains("evil"),
+        "{text:?}"
+    );
+    assert_eq!(net.heads(c, &doc), net.heads(b, &doc));
+}
+
+/// A peer keeps a connection whose changes it refuses (they may be someone else's, passed on
+/// by a relay), but not forever: at `refusals_before_close` refusals within the window it
+/// closes it, as a relay does at the first. Refusals further apart than the window do not
+/// add up.
+#[test]
+fn a_peer_closes_a_connection_only_after_repeated_refusals() {
+    let mut net = Net::new();
+    let a = net.add(peer_config("a"));
+    let b = net.add(peer_config("b"));
+    let (_, b_a) = net.connect(a, b);
+    let doc = DocumentId::random();
+    net.push(
+        a,
+        Input::Create {
+            doc,
+            automerge: note("base"),
+        },
+    );
+    net.settle();
+    net.push(b, Input::Find { doc });
+    net.settle();
+    let forged = seq2_forgery(&net.nodes[b].engine.document(&doc).unwrap().lock());
+    let limit = net.nodes[b].engine.config().refusals_before_close as usize;
+    assert!(limit > 1);
+    let refused = |net: &Net| {
+        net.nodes[b]
+            .events
+            .iter()
+            .filter(|e| matches!(e, Event::ChangesRefused { conn, .. } if *conn == b_a))
+            .count()
+    };
+    let send_forged = |net: &mut Net| {
+        let msg = changes_message(vec![forged.hash()], vec![forged.raw_bytes().to_vec()]);
+        net.push(
+            b,
+            Input::Received {
+                conn: b_a,
+                msg: Message::Sync {
+                    sender_id: PeerId::new("a"),
+                    target_id: PeerId::new("b"),
+                    document_id: doc,
+                    data: msg.encode(),
+                },
+            },
+        );
+        net.run_node(b);
+    };
+    for i in 1..limit {
+        send_forged(&mut net);
+        assert_eq!(refused(&net), i);
+    }
+    // The window passes: the count starts again.
+    net.advance(sheafdb::engine::REFUSALS_WINDOW_MS + 1);
+    for i in 1..limit {
+        send_forged(&mut net);
+        assert_eq!(refused(&net), limit - 1 + i);
+    }
+    assert_eq!(connected(&net, b), vec![b_a], "still open");
+    assert!(!has_event(&net, b, |e| matches!(
+        e,
+        Event::PeerError { .. }
+    )));
+    send_forged(&mut net);
+    assert!(connected(&net, b).is_empty(), "closed at the limit");
+    assert!(has_event(
+        &net,
+        b,
+        |e| matches!(e, Event::PeerError { conn, .. } if *conn == b_a)
+    ));
+    assert!(!text_of(&net, b, &doc).contains("evil"));
+}
+
 /// Every sync message `node` sent advertises only heads of its own documents `docs` (so
 /// only changes it applied and stored).
 fn advertised_only_own_heads(net: &Net, node: usize, docs: &[DocumentId]) {

@@ -6,7 +6,7 @@ use crate::auth::Access;
 use crate::id::{DocumentId, PeerId, StorageId};
 use crate::protocol::PeerMetadata;
 
-use super::types::Denied;
+use super::types::{Denied, Millis};
 
 pub(super) enum ConnPhase {
     /// We accepted the socket and wait for the client's `join`.
@@ -24,6 +24,10 @@ pub(super) struct Conn {
     pub docs: BTreeSet<DocumentId>,
     /// What the peer may do; `None` = anything.
     pub access: Option<Access>,
+    /// Batches of its changes refused since `refused_since` (see
+    /// `EngineConfig::refusals_before_close`).
+    refusals: u32,
+    refused_since: Millis,
 }
 
 impl Conn {
@@ -32,7 +36,20 @@ impl Conn {
             phase,
             docs: BTreeSet::new(),
             access,
+            refusals: 0,
+            refused_since: Millis(0),
         }
+    }
+
+    /// Count a refused batch of its changes at `now`; returns the refusals within the
+    /// last `window_ms` (counted from the first of them).
+    pub fn refused(&mut self, now: Millis, window_ms: u64) -> u32 {
+        if self.refusals == 0 || now.saturating_sub(self.refused_since) > window_ms {
+            self.refusals = 0;
+            self.refused_since = now;
+        }
+        self.refusals += 1;
+        self.refusals
     }
 
     /// Why this peer may not sync `doc` (not covered by its token, or one document over its

@@ -80,6 +80,23 @@ pub(super) struct PeerDoc {
 }
 
 impl PeerDoc {
+    /// Sync this document with the peer from scratch, and have the peer do the same (a sync
+    /// reset in the next message: it sends again whatever we lack, whatever it sent
+    /// before). What it was sent and what it answered no longer count.
+    fn restart_sync(&mut self) {
+        let their_capabilities = self.sync.their_capabilities.take();
+        let read_only = self.sync.read_only;
+        self.sync = SyncState::new();
+        self.sync.their_capabilities = their_capabilities;
+        self.sync.read_only = read_only;
+        self.sync.needs_reset = true;
+        self.awaiting_since = None;
+        self.owes_ack = false;
+        self.unanswered = false;
+        self.forwarded_at = None;
+        self.forward_after = Millis(0);
+    }
+
     fn new(sync: SyncState, storage: Option<StorageId>) -> Self {
         let saved = sync.shared_heads.clone();
         Self {
@@ -177,6 +194,9 @@ const MAX_ARRIVED_CHUNK: usize = 1 << 20;
 pub(super) struct StepOutput {
     pub effects: Vec<Effect>,
     pub close: Vec<(ConnId, String)>,
+    /// Connections whose changes were refused but that stay open, unless the engine counts
+    /// too many refusals (see `EngineConfig::refusals_before_close`).
+    pub refused: Vec<(ConnId, EngineError)>,
     pub evict: bool,
 }
 
@@ -694,7 +714,16 @@ impl DocEntry {
                         doc: id,
                         reason: e.to_string(),
                     };
-                    out.reject(conn, error);
+                    if config.refusals_before_close > 1 {
+                        // Kept open (see `EngineConfig::refusals_before_close`): start
+                        // this document's sync with it again.
+                        if let Some(p) = self.peers.get_mut(&conn) {
+                            p.restart_sync();
+                        }
+                        out.refused.push((conn, error));
+                    } else {
+                        out.reject(conn, error);
+                    }
                 }
             }
         }

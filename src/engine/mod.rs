@@ -95,7 +95,7 @@ pub use journal::DocCell;
 pub use offload::{Applied, ApplyJob};
 pub use types::{
     ApplyPacing, CostClock, Denied, Effect, EngineConfig, EngineError, Event, Input, Loaded,
-    Millis, SharedDoc,
+    Millis, SharedDoc, REFUSALS_WINDOW_MS,
 };
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -842,6 +842,20 @@ impl Engine {
         d.step(now, id, &self.config, &peer_ids, &mut out);
         for (conn, reason) in out.close {
             self.close(conn, reason);
+        }
+        for (conn, error) in out.refused {
+            let Some(c) = self.conns.get_mut(&conn) else {
+                continue;
+            };
+            if c.refused(now, REFUSALS_WINDOW_MS) >= self.config.refusals_before_close {
+                let reason = format!("{error} (and too many refused before)");
+                self.effects
+                    .push(Effect::Event(Event::PeerError { conn, error }));
+                self.close(conn, reason);
+            } else {
+                self.effects
+                    .push(Effect::Event(Event::ChangesRefused { conn, error }));
+            }
         }
         self.effects.append(&mut out.effects);
         if out.evict {

@@ -82,7 +82,21 @@ pub struct EngineConfig {
     /// ([`Effect::Apply`], see `engine::offload`). On for relays; off for peers, where a
     /// user's edit during the apply makes it run again.
     pub offload_applies: bool,
+    /// Remote changes that fail the checks (`admit`) are refused, never applied. A relay
+    /// closes their sender's connection at once: its peers are the authors of what they
+    /// send. The connection of a peer behind a relay also carries other peers' changes,
+    /// which the relay may pass on before it has checked them (`forward`): closing it would
+    /// cut this peer off (every note of it) over someone else's forgery. So a peer keeps
+    /// the connection, reports [`Event::ChangesRefused`] and restarts the sync of that
+    /// document with it (a sync reset: the sender sends again what we lack, so the honest
+    /// changes refused with a forgery come back). The connection is closed only at this
+    /// many refusals within [`REFUSALS_WINDOW_MS`]: a peer that keeps sending what we
+    /// refuse, or a resync that keeps bringing it back. 1: close at the first (relays).
+    pub refusals_before_close: u32,
 }
+
+/// The window in which [`EngineConfig::refusals_before_close`] refusals close a connection.
+pub const REFUSALS_WINDOW_MS: u64 = 60_000;
 
 /// A monotonic clock in microseconds, used only to measure what an apply cost (time is
 /// otherwise passed in as `now`, so a simulator can fake this one too).
@@ -180,6 +194,7 @@ impl EngineConfig {
             apply_pacing: ApplyPacing::default(),
             forward_held: true,
             offload_applies: false,
+            refusals_before_close: 8,
         }
     }
 
@@ -188,6 +203,7 @@ impl EngineConfig {
         Self {
             announce: false,
             offload_applies: true,
+            refusals_before_close: 1,
             ..Self::peer(peer_id, storage_id)
         }
     }
@@ -337,7 +353,15 @@ pub enum Event {
         sender: PeerId,
         data: Vec<u8>,
     },
+    /// The peer sent something we refused, and its connection is closed for it.
     PeerError {
+        conn: ConnId,
+        error: EngineError,
+    },
+    /// Changes that arrived on `conn` were refused (they fail the checks, see
+    /// [`EngineConfig::refusals_before_close`]); the connection stays open and the
+    /// document's sync with it restarts.
+    ChangesRefused {
         conn: ConnId,
         error: EngineError,
     },

@@ -626,6 +626,9 @@ impl Driver {
             Event::PeerError { conn, error } => {
                 tracing::warn!(?conn, %error, "peer error");
             }
+            Event::ChangesRefused { conn, error } => {
+                tracing::warn!(?conn, %error, "refused a peer's changes; the connection stays open");
+            }
             Event::AccessDenied { conn, doc, reason } => {
                 tracing::debug!(?conn, %doc, ?reason, "document refused to peer");
                 let counter = match reason {
