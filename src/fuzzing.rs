@@ -268,6 +268,7 @@ impl SyncHarness {
                     peer_metadata: PeerMetadata {
                         storage_id: Some(StorageId::new("fuzz-remote-storage")),
                         is_ephemeral: false,
+                        accepts_unchecked: false,
                     },
                     supported_protocol_versions: vec![PROTOCOL_VERSION.to_string()],
                 },

@@ -116,6 +116,7 @@ async fn join(ws: &mut Socket, name: &str) -> PeerId {
             peer_metadata: PeerMetadata {
                 storage_id: None,
                 is_ephemeral: true,
+                accepts_unchecked: false,
             },
             supported_protocol_versions: vec![PROTOCOL_VERSION.to_string()],
         },
@@ -445,6 +446,7 @@ async fn connections_per_address_are_capped() {
                 peer_metadata: PeerMetadata {
                     storage_id: None,
                     is_ephemeral: true,
+                    accepts_unchecked: false,
                 },
                 supported_protocol_versions: vec![PROTOCOL_VERSION.to_string()],
             },

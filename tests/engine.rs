@@ -419,10 +419,19 @@ fn shared_note(relay: sheafdb::engine::EngineConfig) -> Shared {
 }
 
 fn shared_note_from(relay: sheafdb::engine::EngineConfig, base: Automerge) -> Shared {
+    shared_note_with(relay, base, peer_config("b"))
+}
+
+/// [`shared_note_from`] with `b` configured as given.
+fn shared_note_with(
+    relay: sheafdb::engine::EngineConfig,
+    base: Automerge,
+    b: sheafdb::engine::EngineConfig,
+) -> Shared {
     let mut net = Net::new();
     let relay = net.add(relay);
     let a = net.add(peer_config("a"));
-    let b = net.add(peer_config("b"));
+    let b = net.add(b);
     let (_, relay_a) = net.connect(a, relay);
     let (_, relay_b) = net.connect(b, relay);
     let doc = DocumentId::random();
@@ -1273,12 +1282,17 @@ fn fake_cost(apply_ms: u64) -> sheafdb::engine::CostClock {
 
 /// A relay with `apply_ms` applies, peers `a` and `b` sharing a note through it.
 fn paced_net(apply_ms: u64) -> Shared {
+    paced_net_with_b(apply_ms, peer_config("b"))
+}
+
+/// [`paced_net`] with `b` configured as given.
+fn paced_net_with_b(apply_ms: u64, b: sheafdb::engine::EngineConfig) -> Shared {
     let mut config = relay_config("relay");
     config.cost_clock = Some(fake_cost(apply_ms));
     // Fixed actors (`a` edits as the base's) make every change hash, and so Automerge's
     // Bloom filters, the same on every run: with random ones a filter false positive (~1%)
     // now and then held a change back a round, past the step under test.
-    let s = shared_note_from(config, note_by(1, "base"));
+    let s = shared_note_with(config, note_by(1, "base"), b);
     let shared = s.net.nodes[s.b].engine.document(&s.doc).expect("b has it");
     shared.lock().set_actor(ActorId::from(vec![2; 16]));
     s
@@ -1558,6 +1572,51 @@ fn a_peer_closes_a_connection_only_after_repeated_refusals() {
         |e| matches!(e, Event::PeerError { conn, .. } if *conn == b_a)
     ));
     assert!(!text_of(&net, b, &doc).contains("evil"));
+}
+
+/// A peer that does not say it takes unchecked changes (JS automerge-repo: a forged change
+/// passed on before the relay checked it could make its Automerge panic) gets changes only
+/// once the relay has applied and admitted them; a sheaf peer beside it gets them at once.
+#[test]
+fn held_changes_go_only_to_peers_that_take_unchecked_ones() {
+    let mut js_like = peer_config("b");
+    js_like.refusals_before_close = 1;
+    let Shared {
+        mut net,
+        relay,
+        a,
+        b,
+        doc,
+        ..
+    } = paced_net_with_b(20, js_like);
+    type_into(&mut net, a, &doc, "a1 ");
+    assert!(
+        text_of(&net, b, &doc).contains("a1"),
+        "the first apply is not held"
+    );
+    // `b`'s change, held at the relay, reaches `a` (a sheaf peer) at once...
+    type_into(&mut net, b, &doc, "b1 ");
+    assert!(
+        !text_of(&net, relay, &doc).contains("b1"),
+        "held at the relay"
+    );
+    assert!(text_of(&net, a, &doc).contains("b1"));
+    // ...but `a`'s, held too, waits for the relay's apply before it reaches `b`.
+    type_into(&mut net, a, &doc, "a2 ");
+    assert!(
+        !text_of(&net, relay, &doc).contains("a2"),
+        "held at the relay"
+    );
+    assert!(
+        !text_of(&net, b, &doc).contains("a2"),
+        "not passed on unchecked"
+    );
+    net.advance(100);
+    net.settle();
+    let heads = net.heads(relay, &doc);
+    assert!(text_of(&net, b, &doc).contains("a2"));
+    assert_eq!(net.heads(a, &doc), heads);
+    assert_eq!(net.heads(b, &doc), heads);
 }
 
 /// Every sync message `node` sent advertises only heads of its own documents `docs` (so

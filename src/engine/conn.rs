@@ -72,6 +72,11 @@ impl Conn {
         self.access.as_ref().is_some_and(|a| !a.write)
     }
 
+    /// The peer takes changes we have not checked yet (see `PeerMetadata::accepts_unchecked`).
+    pub fn accepts_unchecked(&self) -> bool {
+        matches!(&self.phase, ConnPhase::Ready { meta, .. } if meta.accepts_unchecked)
+    }
+
     pub fn peer_id(&self) -> Option<&PeerId> {
         match &self.phase {
             ConnPhase::Ready { peer, .. } => Some(peer),

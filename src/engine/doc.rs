@@ -75,6 +75,9 @@ pub(super) struct PeerDoc {
     pub forwarded_at: Option<Millis>,
     /// No forward to this peer before this (see `forward`); `Millis(0)`: none pending.
     pub forward_after: Millis,
+    /// The peer said it takes changes we have not checked yet (`sheafAcceptsUnchecked`):
+    /// only such a peer is forwarded changes before we apply them (see `forward`).
+    pub accepts_unchecked: bool,
     storage: Option<StorageId>,
     saved_shared_heads: Vec<ChangeHash>,
 }
@@ -112,6 +115,7 @@ impl PeerDoc {
             unanswered: false,
             forwarded_at: None,
             forward_after: Millis(0),
+            accepts_unchecked: false,
             storage,
             saved_shared_heads: saved,
         }
@@ -268,12 +272,20 @@ impl DocEntry {
         !self.doc.lock().get_heads().is_empty()
     }
 
-    /// Sync state for a new peer; a `read_only` peer's changes are never applied.
-    pub fn add_peer(&mut self, conn: ConnId, storage: Option<&StorageId>, read_only: bool) {
+    /// Sync state for a new peer; a `read_only` peer's changes are never applied, and only
+    /// a peer that `accepts_unchecked` is forwarded changes before we apply them.
+    pub fn add_peer(
+        &mut self,
+        conn: ConnId,
+        storage: Option<&StorageId>,
+        read_only: bool,
+        accepts_unchecked: bool,
+    ) {
         let mut sync = self.seed_state(storage);
         sync.set_read_only(read_only);
-        self.peers
-            .insert(conn, PeerDoc::new(sync, storage.cloned()));
+        let mut p = PeerDoc::new(sync, storage.cloned());
+        p.accepts_unchecked = accepts_unchecked;
+        self.peers.insert(conn, p);
     }
 
     /// After a load, replace a peer's fresh state with what we persisted for its storage.

@@ -65,10 +65,16 @@
 //!
 //! Only changes that parse as Automerge change chunks (which verifies their hashes), from
 //! peers whose changes we apply (not read-only ones), go out, and never to a peer that
-//! ignores changes. A document chunk (a first upload) is left to the apply. A well-formed
-//! change Automerge still refuses when applying (a sequence number its author already
-//! used) reaches the other peers, who refuse it the same way; the relay closes the sender's
-//! connection when it applies the batch.
+//! ignores changes. A document chunk (a first upload) is left to the apply.
+//!
+//! That is all that is checked before the apply: whether a well-formed change is sound
+//! (see `admit`) is only known once it is applied. So held changes go only to peers that
+//! said they take unchecked changes (`PeerMetadata::accepts_unchecked`, which sheaf peers
+//! send): they check what they apply and, refusing a forgery, keep the connection (see
+//! `EngineConfig::refusals_before_close`); the relay closes the forger's connection when
+//! it applies the batch. Other peers (JS automerge-repo, whose Automerge can panic on a
+//! forged change) get the changes after the relay has admitted them, as from any server;
+//! their senders are still answered at once.
 
 use std::collections::{HashMap, HashSet};
 
@@ -142,7 +148,9 @@ impl DocEntry {
             p.forward_after = Millis(0);
             let mut hashes = Vec::new();
             let mut changes = Vec::new();
-            for h in &self.held {
+            // Held changes are not checked yet: only to a peer that takes them (the rest
+            // get them once applied; the sender is still answered).
+            for h in self.held.iter().filter(|_| p.accepts_unchecked) {
                 if h.from != *conn && !p.sync.sent_hashes.contains(&h.hash) {
                     hashes.push(h.hash);
                     changes.push(h.bytes.clone());

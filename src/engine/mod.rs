@@ -295,6 +295,8 @@ impl Engine {
         PeerMetadata {
             storage_id: self.config.storage_id.clone(),
             is_ephemeral: self.config.is_ephemeral,
+            // We keep a connection whose changes we refuse only if we tolerate refusals.
+            accepts_unchecked: self.config.refusals_before_close > 1,
         }
     }
 
@@ -534,7 +536,7 @@ impl Engine {
             if c.denied(&id).is_some() {
                 return false;
             }
-            d.add_peer(conn, storage.as_ref(), c.read_only());
+            d.add_peer(conn, storage.as_ref(), c.read_only(), c.accepts_unchecked());
             c.docs.insert(id);
         }
         true

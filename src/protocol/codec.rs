@@ -133,6 +133,7 @@ mod tests {
                 peer_metadata: PeerMetadata {
                     storage_id: Some(StorageId::new("st")),
                     is_ephemeral: false,
+                    accepts_unchecked: false,
                 },
                 supported_protocol_versions: vec!["1".into()],
             },
@@ -409,7 +410,8 @@ mod tests {
                 target_id: p("c"),
                 peer_metadata: PeerMetadata {
                     storage_id: None,
-                    is_ephemeral: true
+                    is_ephemeral: true,
+                    accepts_unchecked: false,
                 },
                 selected_protocol_version: "1".into(),
             })
@@ -954,12 +956,13 @@ mod tests {
         prop::collection::vec(any::<u8>(), 0..64)
     }
     fn meta() -> impl Strategy<Value = PeerMetadata> {
-        (prop::option::of(storage_id()), any::<bool>()).prop_map(|(storage_id, is_ephemeral)| {
-            PeerMetadata {
+        (prop::option::of(storage_id()), any::<bool>(), any::<bool>()).prop_map(
+            |(storage_id, is_ephemeral, accepts_unchecked)| PeerMetadata {
                 storage_id,
                 is_ephemeral,
-            }
-        })
+                accepts_unchecked,
+            },
+        )
     }
     fn timestamp() -> impl Strategy<Value = f64> {
         prop_oneof![

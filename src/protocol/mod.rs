@@ -38,6 +38,13 @@ pub const PROTOCOL_VERSION: &str = "1";
 pub struct PeerMetadata {
     pub storage_id: Option<StorageId>,
     pub is_ephemeral: bool,
+    /// `sheafAcceptsUnchecked: true` (a sheaf extension; JS peers neither send nor read
+    /// it): this peer checks the changes it is sent and keeps the connection when it
+    /// refuses some, so a relay may pass changes on to it before the relay has applied and
+    /// checked them itself (see `engine::forward`). Other peers only get changes the relay
+    /// has admitted: a forged change passed on unchecked could make a JS peer's Automerge
+    /// panic.
+    pub accepts_unchecked: bool,
 }
 
 /// Heads a storage holds for a document, with the time they were seen (ms since epoch).

@@ -300,6 +300,10 @@ impl<'b> Typed<'_, 'b> {
                     meta.is_ephemeral = boolean(d, "peerMetadata.isEphemeral")?;
                     Ok(())
                 }
+                "sheafAcceptsUnchecked" if !is_absent(d)? => {
+                    meta.accepts_unchecked = boolean(d, "peerMetadata.sheafAcceptsUnchecked")?;
+                    Ok(())
+                }
                 _ => skip(d, 3),
             }
         })?;

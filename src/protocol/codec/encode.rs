@@ -166,11 +166,14 @@ fn write(e: &mut Encoder<Vec<u8>>, msg: &Message) -> Res {
 }
 
 fn peer_meta(e: &mut Encoder<Vec<u8>>, m: &PeerMetadata) -> Res {
-    e.map(1 + u64::from(m.storage_id.is_some()))?;
+    e.map(1 + u64::from(m.storage_id.is_some()) + u64::from(m.accepts_unchecked))?;
     if let Some(s) = &m.storage_id {
         kv_str(e, "storageId", s.as_str())?;
     }
     e.str("isEphemeral")?.bool(m.is_ephemeral)?;
+    if m.accepts_unchecked {
+        e.str("sheafAcceptsUnchecked")?.bool(true)?;
+    }
     Ok(())
 }
 
