@@ -44,6 +44,12 @@
 //! offload: 531-873 edits, 0.51-1.16 s; four node processes fill both cores, so the row is
 //! noisy). A sheaf peer that paces answers at once and is never held this way.
 //!
+//! JS peers no longer get forwards at all (see the next section). That cost them nothing
+//! measurable: four JS typists on the long note, relay binaries with and without forwards
+//! to them interleaved, p50/p99 443-591 / 973-1,644 ms (744-966 edits typed) with, and
+//! 587-640 / 1,145-1,171 ms (840-882 edits) without (four node processes fill both cores,
+//! so the row is noisy). The pause still serves a sheaf peer that answers slowly.
+//!
 //! # What a forwarded message says
 //!
 //! It is an ordinary sync message that advertises nothing new:
