@@ -628,6 +628,10 @@ impl Driver {
             }
             Event::ChangesRefused { conn, error } => {
                 tracing::warn!(?conn, %error, "refused a peer's changes; the connection stays open");
+                inner
+                    .stats
+                    .changes_refused
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             Event::AccessDenied { conn, doc, reason } => {
                 tracing::debug!(?conn, %doc, ?reason, "document refused to peer");

@@ -132,6 +132,10 @@ pub struct RepoStats {
     pub docs_denied: AtomicU64,
     /// ... refused because the connection already syncs its maximum of documents.
     pub doc_limit_hits: AtomicU64,
+    /// Batches of remote changes refused (they fail the checks of `engine::admit`) on a
+    /// connection that stays open (`engine::Event::ChangesRefused`: a forgery by another
+    /// peer, passed on by a relay before it checked it).
+    pub changes_refused: AtomicU64,
     /// Events delivered by [`DocHandle::changes`] subscriptions.
     pub change_events: AtomicU64,
     /// ... of which had to diff the note for their patches, because a change between the
