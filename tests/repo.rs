@@ -848,3 +848,178 @@ async fn a_note_loaded_with_many_stored_changes_is_compacted_once_loaded() {
     let l = store.load(&small).unwrap().unwrap();
     assert_eq!((l.chunks, l.doc.get_heads()), (5, small_doc.get_heads()));
 }
+
+/// A raw automerge-repo client over a real WebSocket (what a JS peer or a forger sends).
+mod raw {
+    use std::time::Duration;
+
+    use automerge::sync::{Message as SyncMessage, State, SyncDoc};
+    use automerge::Automerge;
+    use futures::{SinkExt, StreamExt};
+    use sheafdb::protocol::{self, Message, PeerMetadata, PROTOCOL_VERSION};
+    use sheafdb::{DocumentId, PeerId};
+    use tokio_tungstenite::tungstenite::Message as Ws;
+
+    type Socket = tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >;
+
+    pub struct Client {
+        ws: Socket,
+        them: PeerId,
+    }
+
+    impl Client {
+        /// Connect and join as `me` (no storage, no sheaf extensions).
+        pub async fn join(url: &str, me: &str) -> Self {
+            let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+            let join = Message::Join {
+                sender_id: PeerId::new(me),
+                peer_metadata: PeerMetadata {
+                    storage_id: None,
+                    is_ephemeral: true,
+                    accepts_unchecked: false,
+                },
+                supported_protocol_versions: vec![PROTOCOL_VERSION.to_string()],
+            };
+            ws.send(Ws::Binary(protocol::encode(&join))).await.unwrap();
+            let mut c = Self {
+                ws,
+                them: PeerId::new(""),
+            };
+            match c.next().await {
+                Some(Message::Peer { sender_id, .. }) => c.them = sender_id,
+                other => panic!("expected peer, got {other:?}"),
+            }
+            c
+        }
+
+        /// The next protocol message, or `None` once the server closed the socket (or said
+        /// nothing for 2 s).
+        pub async fn next(&mut self) -> Option<Message> {
+            loop {
+                match tokio::time::timeout(Duration::from_secs(2), self.ws.next()).await {
+                    Ok(Some(Ok(Ws::Binary(b)))) => return Some(protocol::decode(&b).unwrap()),
+                    Ok(Some(Ok(Ws::Ping(_) | Ws::Pong(_)))) => continue,
+                    _ => return None,
+                }
+            }
+        }
+
+        pub async fn sync(&mut self, doc: DocumentId, msg: SyncMessage) {
+            let m = Message::Sync {
+                sender_id: PeerId::new("raw"),
+                target_id: self.them.clone(),
+                document_id: doc,
+                data: msg.encode(),
+            };
+            self.ws
+                .send(Ws::Binary(protocol::encode(&m)))
+                .await
+                .unwrap();
+        }
+
+        /// Sync `mine` with the server's copy of `doc` until `done(mine)`.
+        pub async fn sync_until(
+            &mut self,
+            doc: DocumentId,
+            mine: &mut Automerge,
+            state: &mut State,
+            done: impl Fn(&Automerge) -> bool,
+        ) {
+            for _ in 0..50 {
+                if let Some(m) = mine.generate_sync_message(state) {
+                    self.sync(doc, m).await;
+                }
+                if done(mine) {
+                    return;
+                }
+                match self.next().await {
+                    Some(Message::Sync { data, .. }) => {
+                        let m = SyncMessage::decode(&data).unwrap();
+                        mine.receive_sync_message(state, m).unwrap();
+                    }
+                    Some(_) => {}
+                    None => panic!("the server closed the socket or went quiet"),
+                }
+            }
+            panic!("did not sync");
+        }
+    }
+}
+
+/// Two devices can sync directly: a peer serving others takes its changes as a relay does,
+/// but refusing a forged one it keeps the connection (on a peer, a connection's changes may
+/// be someone else's, passed on by a relay before it checked them), counts the refusal and
+/// goes on syncing with it. A relay closes the forger's connection.
+#[tokio::test]
+async fn a_peer_refuses_a_forged_change_and_keeps_the_connection_a_relay_closes_it() {
+    use automerge::sync::{Message as SyncMessage, State};
+    use automerge::ActorId;
+    use std::sync::atomic::Ordering;
+
+    for (config, keeps) in [(RepoConfig::default(), true), (RepoConfig::relay(), false)] {
+        let repo = Repo::temporary(config).unwrap();
+        let h = repo.create().await.unwrap();
+        h.change(|tx| tx.put(ROOT, "k", 1)).unwrap();
+        repo.flush().await.unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("ws://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let hub = repo.hub();
+        tokio::spawn(async move {
+            let _ = sheafdb::relay::run(listener, hub, Default::default(), async {
+                let _ = stopped.await;
+            })
+            .await;
+        });
+        let mut c = raw::Client::join(&url, "raw").await;
+        let mut mine = automerge::Automerge::new().with_actor(ActorId::from(vec![7; 16]));
+        let mut state = State::new();
+        let heads = h.heads();
+        c.sync_until(h.id(), &mut mine, &mut state, |m| m.get_heads() == heads)
+            .await;
+        // A forged change: a seq-2 change by an actor the note lacks.
+        let mut evil = mine.fork().with_actor(ActorId::from(vec![9; 16]));
+        evil.transact::<_, _, automerge::AutomergeError>(|tx| tx.put(ROOT, "k", 666).map(|_| ()))
+            .unwrap();
+        let mut forged = evil.get_last_local_change().unwrap().decode();
+        forged.hash = None;
+        forged.seq = 2;
+        let forged = automerge::Change::from(forged);
+        let msg = SyncMessage {
+            heads: vec![forged.hash()],
+            need: Vec::new(),
+            have: Vec::new(),
+            changes: vec![forged.raw_bytes().to_vec()].into(),
+            flags: None,
+            version: automerge::sync::MessageVersion::V1,
+        };
+        c.sync(h.id(), msg).await;
+        if !keeps {
+            // The relay answers with an error, then closes.
+            while c.next().await.is_some() {}
+            assert_eq!(repo.stats().changes_refused.load(Ordering::Relaxed), 0);
+            let _ = stop.send(());
+            continue;
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while repo.stats().changes_refused.load(Ordering::Relaxed) != 1 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the refusal is counted"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Still connected: an honest change goes through, and the forgery never did.
+        mine.transact::<_, _, automerge::AutomergeError>(|tx| tx.put(ROOT, "k", 2).map(|_| ()))
+            .unwrap();
+        let want = mine.get_heads();
+        let mut state = State::new();
+        // (Panics if the peer closes the connection.)
+        c.sync_until(h.id(), &mut mine, &mut state, |_| h.heads() == want)
+            .await;
+        assert_eq!(h.to_json()["k"], serde_json::json!(2));
+        let _ = stop.send(());
+    }
+}
