@@ -244,6 +244,8 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     server.socket.ping_interval = Duration::from_secs(args.ping_interval_secs.max(1));
     server.socket.idle_timeout = Duration::from_secs(args.idle_timeout_secs.max(1));
 
+    // Before the address is printed: whoever starts the relay may signal it right after.
+    let signals = shutdown_signal().context("installing the SIGINT/SIGTERM handlers")?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
@@ -257,7 +259,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let engine = repo.clone();
     let stop = async move {
         tokio::select! {
-            _ = shutdown_signal() => {}
+            _ = signals => {}
             _ = engine.engine_stopped() => {}
         }
     };
@@ -281,26 +283,28 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Registers the SIGINT and SIGTERM handlers at once; the future completes at the first
+/// signal. Registered lazily (when the future is first polled, inside the server), a SIGTERM
+/// that came right after the "listening" line found the default action and killed the relay
+/// without a graceful stop (seen as a flaky `tests/relay_faults` run).
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
     {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut term = signal(SignalKind::terminate())?;
+        Ok(async move {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+        })
     }
     #[cfg(not(unix))]
     {
-        let _ = ctrl_c.await;
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
     }
 }
 
