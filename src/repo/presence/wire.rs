@@ -86,7 +86,7 @@ pub fn decode(bytes: &[u8]) -> Decoded {
     else {
         return Decoded::NotPresence;
     };
-    let Value::Map(entries) = value else {
+    let Value::Map(entries) = canonical(value) else {
         return Decoded::NotPresence;
     };
     let Some(inner) = take(entries, MARKER) else {
@@ -115,6 +115,45 @@ pub fn decode(bytes: &[u8]) -> Decoded {
         "heartbeat" => Decoded::Presence(Wire::Heartbeat),
         "goodbye" => Decoded::Presence(Wire::Goodbye),
         _ => Decoded::Malformed("unknown `type`"),
+    }
+}
+
+/// `v` with every bignum (tags 2 and 3 on a byte string) that fits a CBOR integer written as
+/// that integer. ciborium reads a bignum whose bytes come in one piece as an integer, but one
+/// whose bytes are chunked (an indefinite-length string) as the tag itself; the two are the
+/// same number. Without this, a state relayed on (encoded again, in one piece) would read
+/// back different from what arrived (found by the `presence` fuzz target).
+fn canonical(v: Value) -> Value {
+    match v {
+        Value::Tag(tag @ (2 | 3), inner) => match *inner {
+            Value::Bytes(b) => {
+                let digits = &b[b.iter().take_while(|x| **x == 0).count()..];
+                if digits.len() > 8 {
+                    return Value::Tag(tag, Box::new(Value::Bytes(b)));
+                }
+                let n = digits.iter().fold(0u64, |n, d| (n << 8) | u64::from(*d));
+                let int = if tag == 2 {
+                    ciborium::value::Integer::from(n)
+                } else {
+                    // -1 - n is at least -2^64, the least CBOR integer.
+                    match ciborium::value::Integer::try_from(-1 - i128::from(n)) {
+                        Ok(i) => i,
+                        Err(_) => return Value::Tag(tag, Box::new(Value::Bytes(b))),
+                    }
+                };
+                Value::Integer(int)
+            }
+            other => Value::Tag(tag, Box::new(canonical(other))),
+        },
+        Value::Tag(tag, inner) => Value::Tag(tag, Box::new(canonical(*inner))),
+        Value::Array(items) => Value::Array(items.into_iter().map(canonical).collect()),
+        Value::Map(entries) => Value::Map(
+            entries
+                .into_iter()
+                .map(|(k, v)| (canonical(k), canonical(v)))
+                .collect(),
+        ),
+        other => other,
     }
 }
 
