@@ -216,6 +216,19 @@ async fn the_heads_watch_follows_local_changes() {
     assert_eq!(*heads.borrow(), h.heads());
 }
 
+#[tokio::test]
+async fn a_new_heads_watch_starts_from_the_latest_local_change() {
+    let repo = Repo::temporary(RepoConfig::default()).unwrap();
+    let h = repo.create().await.unwrap();
+    // No one watches while these edits are made (an edit then skips publishing its heads):
+    // a watch taken right after must still start from the latest, not from what the
+    // engine last published.
+    for i in 0..100 {
+        h.change(|tx| tx.put(ROOT, "n", i as i64)).unwrap();
+        assert_eq!(*h.heads_watch().borrow(), h.heads(), "after edit {i}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_peers_sync_through_a_relay_and_see_each_others_changes() {
     let (url, _relay, _stop) = common::in_process_relay().await;

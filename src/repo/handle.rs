@@ -126,15 +126,23 @@ impl DocHandle {
             if let (Some(_), Some(before)) = (hash, before) {
                 doc.record(before, log);
             }
-            if hash.is_some() {
-                // Published under the note's lock, so that the watch never goes back to
-                // older heads when several tasks (or the engine) change the note at once.
+            // Published under the note's lock, so that the watch never goes back to older
+            // heads when several tasks (or the engine) change the note at once. With no
+            // receiver the wake-up is skipped (a fast typist pays it per keystroke):
+            // `heads_watch` brings the value up to date, under the same lock, before it
+            // subscribes.
+            if hash.is_some() && self.channels.heads.receiver_count() > 0 {
                 self.channels.heads.send_replace(doc.get_heads());
             }
             (out, hash.is_some())
         };
         if changed {
-            self.channels.save.send_replace(SaveState::Unsaved);
+            // Already `Unsaved` while earlier edits are on their way: no one to wake.
+            self.channels.save.send_if_modified(|s| {
+                let was = *s;
+                *s = SaveState::Unsaved;
+                was != SaveState::Unsaved
+            });
             // No peer has this change yet: until the engine reports again, "Synced" would
             // be stale (an app would show a checkmark for an edit that only exists here).
             self.channels.sync.send_if_modified(|m| {
@@ -217,7 +225,7 @@ impl DocHandle {
     /// (`engine::DocCell`), so an event costs about what its patches are, not a diff of the
     /// note; `RepoStats::change_events_diffed` counts the events that had to diff.
     pub fn changes(&self) -> Changes {
-        let rx = self.channels.heads.subscribe();
+        let rx = self.heads_watch();
         let last = {
             let mut doc = self.doc.lock();
             doc.subscribe();
@@ -238,6 +246,15 @@ impl DocHandle {
     /// when it missed some), nothing is computed. For apps that re-read what they show, sync
     /// indicators, and `get_changes_meta(&old_heads)` to see who changed what.
     pub fn heads_watch(&self) -> watch::Receiver<Vec<ChangeHash>> {
+        // Edits made while no one watched did not publish (see `change_with`): catch up
+        // first, under the note's lock, so that no edit slips between the two.
+        let doc = self.doc.lock();
+        self.channels.heads.send_if_modified(|h| {
+            let now = doc.get_heads();
+            let moved = *h != now;
+            *h = now;
+            moved
+        });
         self.channels.heads.subscribe()
     }
 
