@@ -302,6 +302,59 @@ fn request_is_served_when_another_peer_uploads_during_grace() {
 }
 
 #[test]
+fn a_document_the_relay_said_it_lacks_is_served_once_a_peer_offers_it() {
+    // Both orders: the offer arrives after the relay said "unavailable", or in the same
+    // batch as the end of the grace period (the fuzz case in `fuzz/regressions/converge`).
+    for same_batch in [false, true] {
+        let mut net = Net::new();
+        let relay = net.add(relay_config("relay"));
+        let a = net.add(peer_config("a"));
+        let b = net.add(peer_config("b"));
+        net.connect(a, relay);
+        net.settle();
+        let grace = net.nodes[relay].engine.config().request_grace_ms;
+        let doc = DocumentId::random();
+        net.push(a, Input::Find { doc });
+        net.settle();
+        // `b` has the document but is not connected yet.
+        net.push(
+            b,
+            Input::Create {
+                doc,
+                automerge: note("hello"),
+            },
+        );
+        net.settle();
+        if same_batch {
+            net.advance(grace);
+            net.connect(b, relay);
+        } else {
+            net.advance(grace);
+            net.settle();
+            assert!(has_event(&net, a, |e| matches!(
+                e,
+                Event::DocUnavailable { doc: d } if *d == doc
+            )));
+            net.connect(b, relay);
+        }
+        net.settle();
+        net.advance(grace * 2);
+        net.settle();
+        // `b`'s announcement is answered, and what the relay gets goes on to `a`.
+        assert_eq!(
+            net.heads(relay, &doc),
+            net.heads(b, &doc),
+            "same_batch {same_batch}"
+        );
+        assert_eq!(
+            net.heads(a, &doc),
+            net.heads(b, &doc),
+            "same_batch {same_batch}"
+        );
+    }
+}
+
+#[test]
 fn find_without_connection_waits_and_succeeds_when_a_peer_connects() {
     let mut net = Net::new();
     let relay = net.add(relay_config("relay"));

@@ -83,6 +83,17 @@ pub(super) struct PeerDoc {
 }
 
 impl PeerDoc {
+    /// The peer's last sync message named heads: it has the document and offers it (unless
+    /// its changes are not taken: a read-only connection).
+    fn offers(&self) -> bool {
+        !self.sync.read_only
+            && self
+                .sync
+                .their_heads
+                .as_ref()
+                .is_some_and(|h| !h.is_empty())
+    }
+
     /// Sync this document with the peer from scratch, and have the peer do the same (a sync
     /// reset in the next message: it sends again whatever we lack, whatever it sent
     /// before). What it was sent and what it answered no longer count.
@@ -334,7 +345,10 @@ impl DocEntry {
     pub fn next_deadline(&self, config: &EngineConfig) -> Option<Millis> {
         let mut t: Option<Millis> = None;
         let mut at = |m: Millis| t = Some(t.map_or(m, |x| x.min(m)));
-        if self.phase == DocPhase::Requesting && self.peers.values().any(|p| p.they_requested) {
+        if self.phase == DocPhase::Requesting
+            && self.peers.values().any(|p| p.they_requested)
+            && !self.offered()
+        {
             at(self.requesting_since.plus(config.request_grace_ms));
         }
         for p in self.peers.values() {
@@ -398,6 +412,13 @@ impl DocEntry {
         if self.phase != DocPhase::Ready && self.has_content() {
             self.phase = DocPhase::Ready;
             out.effects.push(Effect::Event(Event::DocReady { doc: id }));
+        }
+        if self.phase == DocPhase::Unavailable && self.offered() {
+            // A peer has it after all (one that connected after the others said no, or
+            // whose announcement came with the end of the grace period): answer it, so
+            // that its changes come, and go on to whoever asked.
+            self.phase = DocPhase::Requesting;
+            self.requesting_since = now;
         }
         if self.phase == DocPhase::Requesting {
             self.check_unavailable(now, id, config, peer_ids, out);
@@ -833,6 +854,11 @@ impl DocEntry {
         }));
     }
 
+    /// Some peer offers the document (see [`PeerDoc::offers`]).
+    fn offered(&self) -> bool {
+        self.peers.values().any(PeerDoc::offers)
+    }
+
     fn check_unavailable(
         &mut self,
         now: Millis,
@@ -841,6 +867,9 @@ impl DocEntry {
         peer_ids: &HashMap<ConnId, PeerId>,
         out: &mut StepOutput,
     ) {
+        if self.offered() {
+            return;
+        }
         let asked: Vec<&PeerDoc> = self.peers.values().filter(|p| p.asked).collect();
         let all_said_no = !asked.is_empty() && asked.iter().all(|p| p.they_unavailable);
         let requesters = self.peers.values().any(|p| p.they_requested);
@@ -887,8 +916,7 @@ impl DocEntry {
             let Some(target) = peer_ids.get(conn) else {
                 continue;
             };
-            let offers = p.sync.their_heads.as_ref().is_some_and(|h| !h.is_empty());
-            if empty && !p.asked && !offers {
+            if empty && !p.asked && !p.offers() {
                 // We have nothing to give: talk only to peers we ask, or that offer it.
                 continue;
             }
