@@ -16,9 +16,8 @@ use std::time::Duration;
 
 use automerge::transaction::Transactable;
 use automerge::{ObjType, ReadDoc, ROOT};
-use sheafdb::engine::PeerSyncStatus;
 use sheafdb::net::client::ConnectionState;
-use sheafdb::{DocHandle, Repo, RepoConfig};
+use sheafdb::{DocHandle, NoteStatus, Repo, RepoConfig};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::{sleep, timeout, Instant};
@@ -91,27 +90,13 @@ fn watch_connection(who: &'static str, repo: &Repo, url: &str) -> anyhow::Result
     Ok(())
 }
 
-/// Print a note's sync status with the relay whenever it changes.
-fn watch_sync(who: &'static str, h: &DocHandle) {
-    let mut st = h.sync_status();
+/// Print a note's status (saving, saved, offline, syncing, synced) whenever it changes.
+fn watch_status(who: &'static str, h: &DocHandle) {
+    let mut st = h.status();
     tokio::spawn(async move {
-        let mut last = None;
-        loop {
-            let now = {
-                let m = st.borrow_and_update();
-                match m.values().next() {
-                    Some(PeerSyncStatus::Synced) => "synced with the relay",
-                    Some(_) => "syncing",
-                    None => "not synced (relay offline or first round pending)",
-                }
-            };
-            if last != Some(now) {
-                println!("{who}: note {now}");
-                last = Some(now);
-            }
-            if st.changed().await.is_err() {
-                break;
-            }
+        println!("{who}: note {:?}", st.get());
+        while let Ok(now) = st.changed().await {
+            println!("{who}: note {now:?}");
         }
     });
 }
@@ -136,9 +121,7 @@ fn append(h: &DocHandle, s: &str) -> anyhow::Result<()> {
 }
 
 async fn wait_synced(h: &DocHandle) -> anyhow::Result<()> {
-    let mut st = h.sync_status();
-    st.wait_for(|m| !m.is_empty() && m.values().all(|s| *s == PeerSyncStatus::Synced))
-        .await?;
+    h.status().wait_for(|s| s == NoteStatus::Synced).await?;
     Ok(())
 }
 
@@ -154,9 +137,9 @@ async fn run() -> anyhow::Result<()> {
 
     let a = alice.create().await?;
     append(&a, "Shopping:")?;
-    watch_sync("alice", &a);
+    watch_status("alice", &a);
     let b = bob.find(a.id()).await?;
-    watch_sync("bob", &b);
+    watch_status("bob", &b);
     wait_synced(&a).await?;
     println!("bob sees {:?}", text(&b));
 

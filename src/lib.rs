@@ -17,7 +17,8 @@
 //! - [`relay`]: the WebSocket server: `run(listener, hub, config, shutdown)`, the per-socket
 //!   loop (limits, keepalive, close codes), `/health` and Prometheus `/metrics`.
 //! - [`repo`]: the runtime: [`Repo`] (store + engine thread + sockets) and [`DocHandle`];
-//!   editor helpers: rich text at code-point or UTF-16 offsets ([`repo::text`]), history
+//!   one status per note for an editor to show ([`NoteStatus`]: saving, saved, offline,
+//!   syncing, synced; `repo/status.rs`); editor helpers: rich text at code-point or UTF-16 offsets ([`repo::text`]), history
 //!   ([`repo::history`]) and typed presence over ephemeral messages, JS-compatible
 //!   ([`repo::presence`]: the wire envelope, the sans-IO tracker, the tokio task). The `sheaf`
 //!   binary is the command line over it.
@@ -50,4 +51,6 @@ pub mod traces;
 
 pub use error::Error;
 pub use id::{AutomergeUrl, DocumentId, PeerId, StorageId};
-pub use repo::{ConnectOptions, DocHandle, EngineStop, Repo, RepoConfig, RepoError};
+pub use repo::{
+    ConnectOptions, DocHandle, EngineStop, NoteStatus, NoteStatusWatch, Repo, RepoConfig, RepoError,
+};

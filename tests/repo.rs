@@ -229,6 +229,81 @@ async fn a_new_heads_watch_starts_from_the_latest_local_change() {
     }
 }
 
+/// Serve `repo` on `listener` until the returned sender fires; the task ends once the
+/// server has closed its sockets.
+fn serve(
+    repo: &Repo,
+    listener: tokio::net::TcpListener,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let hub = repo.hub();
+    let task = tokio::spawn(async move {
+        let _ = sheafdb::relay::run(listener, hub, Default::default(), async {
+            let _ = stopped.await;
+        })
+        .await;
+    });
+    (stop, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_note_status_says_saved_synced_offline_and_synced_again() {
+    use sheafdb::{NoteStatus, NoteStatusWatch};
+    async fn reach(w: &mut NoteStatusWatch, want: NoteStatus) {
+        let waited = tokio::time::timeout(Duration::from_secs(20), w.wait_for(|s| s == want));
+        let Ok(reached) = waited.await else {
+            panic!("status {want:?} within 20 s; it is {:?}", w.get());
+        };
+        reached.unwrap();
+    }
+    let a = Repo::temporary(RepoConfig::default()).unwrap();
+    let h = a.create().await.unwrap();
+    let mut status = h.status();
+    // A repo that syncs with no one: on disk is all there is.
+    reach(&mut status, NoteStatus::Saved).await;
+    h.change(|tx| tx.put(ROOT, "title", "draft")).unwrap();
+    h.saved().await.unwrap();
+    assert_eq!(status.get(), NoteStatus::Saved);
+
+    let relay = Repo::temporary(RepoConfig::relay()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, task) = serve(&relay, listener);
+    let backoff = sheafdb::net::client::Backoff {
+        base: Duration::from_millis(50),
+        cap: Duration::from_millis(200),
+        ..Default::default()
+    };
+    a.connect_with(
+        &format!("ws://{addr}"),
+        sheafdb::ConnectOptions {
+            backoff,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    reach(&mut status, NoteStatus::Synced).await;
+
+    // The relay goes away: offline. An edit made now is saved here and stays offline.
+    let _ = stop.send(());
+    task.await.unwrap();
+    reach(&mut status, NoteStatus::Offline).await;
+    h.change(|tx| tx.put(ROOT, "title", "written offline"))
+        .unwrap();
+    h.saved().await.unwrap();
+    assert_eq!(status.get(), NoteStatus::Offline);
+
+    // Back on the same address: synced again, and the relay has the offline edit.
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let (_stop, _task) = serve(&relay, listener);
+    reach(&mut status, NoteStatus::Synced).await;
+    let on_relay = relay.find(h.id()).await.unwrap();
+    assert_eq!(on_relay.heads(), h.heads());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_peers_sync_through_a_relay_and_see_each_others_changes() {
     let (url, _relay, _stop) = common::in_process_relay().await;

@@ -215,6 +215,19 @@ impl DocHandle {
         self.channels.save.subscribe()
     }
 
+    /// The note's status as an editor shows it (saving, saved, offline, syncing, synced),
+    /// derived from [`DocHandle::save_state`], [`DocHandle::sync_status`] and the repo's
+    /// connections.
+    pub fn status(&self) -> super::NoteStatusWatch {
+        let inner = &self.repo.inner;
+        super::NoteStatusWatch::new(
+            self.channels.clone(),
+            inner.peers.subscribe(),
+            inner.networked.subscribe(),
+            inner.announces,
+        )
+    }
+
     /// Per-peer sync status (`Syncing` / `Synced`; offline peers are absent).
     pub fn sync_status(&self) -> watch::Receiver<HashMap<PeerId, PeerSyncStatus>> {
         self.channels.sync.subscribe()

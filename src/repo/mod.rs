@@ -18,6 +18,7 @@ mod handle;
 pub mod history;
 pub mod presence;
 mod repairs;
+mod status;
 pub mod text;
 
 pub use error::RepoError;
@@ -25,6 +26,7 @@ pub use handle::{ChangeEvent, Changes, DocHandle, SaveState};
 pub use history::{ChangeInfo, HistoryError};
 pub use presence::{PeerPresence, PeerSet, Presence, PresenceConfig, PresenceError};
 pub use repairs::Repairs;
+pub use status::{NoteStatus, NoteStatusWatch};
 pub use text::{TextError, TextIndex, TextMark, TextPatch};
 
 use std::collections::HashMap;
@@ -186,6 +188,11 @@ pub(crate) struct Inner {
     next_conn: AtomicU64,
     pub(crate) channels: parking_lot::Mutex<HashMap<DocumentId, Arc<DocChannels>>>,
     pub(crate) peers: watch::Sender<Vec<PeerId>>,
+    /// Whether this repo syncs over a network: set once a transport takes its hub (it
+    /// dialed a peer or serves). A networked repo with no peer connected is offline.
+    pub(crate) networked: watch::Sender<bool>,
+    /// Its engine announces notes to new connections (a peer's does, a relay's does not).
+    pub(crate) announces: bool,
     /// The invariants local changes are checked against (the engine's too).
     pub(crate) schema: Schema,
     pub(crate) repairs: tokio::sync::broadcast::Sender<RepairEvent>,
@@ -289,6 +296,8 @@ impl Repo {
             next_conn: AtomicU64::new(1),
             channels: parking_lot::Mutex::new(HashMap::new()),
             peers: watch::channel(Vec::new()).0,
+            networked: watch::channel(false).0,
+            announces: engine_config.announce,
             schema,
             repairs: tokio::sync::broadcast::channel(repairs::REPAIRS_BUFFER).0,
             driver: parking_lot::Mutex::new(None),
@@ -454,6 +463,9 @@ impl Repo {
 
     /// The repo as the socket layer sees it (to serve connections with [`crate::relay::run`]).
     pub fn hub(&self) -> Arc<dyn Hub> {
+        self.inner
+            .networked
+            .send_if_modified(|n| !std::mem::replace(n, true));
         Arc::new(RepoHub {
             inner: Arc::downgrade(&self.inner),
             queue: self.inner.config.send_queue,
