@@ -1,6 +1,7 @@
 //! Interop with the real automerge-repo 2.5.6 JS packages (Node scripts in `tests/js/`):
 //! JS and sheaf clients through the `sheaf-relay` binary, a sheaf client against the JS
-//! reference sync server, ephemeral messages both ways, and the JS upload race.
+//! reference sync server, ephemeral messages both ways, the JS upload race, and a JS client
+//! told "unavailable" that gets the note once its owner comes online.
 //!
 //! Needs `node` and `npm ci --prefix tests/js`; without them these tests FAIL with that
 //! instruction (they never skip). Every wait is bounded.
@@ -351,5 +352,58 @@ async fn a_js_note_handed_to_a_second_js_client_at_once_is_found_through_sheaf_r
         "{lines:?}"
     );
     assert_eq!(status, Some(0), "{lines:?}");
+    relay.terminate().await;
+}
+
+/// A shared link opened before its owner is online: the relay says "unavailable" (it has
+/// nothing), then the owner connects and announces the note. The relay must take it and serve
+/// the JS client's open request: its handle goes from unavailable to ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_js_client_told_unavailable_gets_the_note_once_its_owner_comes_online() {
+    common::js_dir(); // fails first, with what to run, if node or node_modules is missing
+    let data = tempfile::tempdir().unwrap();
+    let relay = RelayProc::start(data.path(), 0, &[]).await;
+    let url = relay.url();
+
+    // The owner wrote the note offline.
+    let owner = peer_repo();
+    let h = owner.create().await.unwrap();
+    h.change(|tx| tx.put(ROOT, "title", "written offline"))
+        .unwrap();
+    let doc_url = h.url().to_string();
+
+    let mut js = JsProc::spawn("client.mjs", &[&url, "js-friend", "90000"]).await;
+    js.expect(WAIT, |v| v["event"] == "ready").await;
+    let first = js
+        .try_call(&mut json!({"cmd": "find", "url": doc_url, "timeoutMs": 20000}))
+        .await;
+    assert_eq!(first["ok"], json!(false), "nobody has it yet: {first}");
+    assert!(
+        first["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("unavailable"),
+        "{first}"
+    );
+
+    let _online = owner.connection(&url).unwrap();
+    // JS answers `find` on its unavailable handle at once; it turns ready when the relay
+    // passes the note on.
+    let deadline = Instant::now() + WAIT;
+    let found = loop {
+        let v = js
+            .try_call(&mut json!({"cmd": "find", "url": doc_url, "timeoutMs": 2000}))
+            .await;
+        if v["ok"] == json!(true) {
+            break v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the JS client never got the note: {v}"
+        );
+        sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(found["doc"], h.to_json());
+    js.finish().await;
     relay.terminate().await;
 }
