@@ -229,26 +229,6 @@ async fn a_new_heads_watch_starts_from_the_latest_local_change() {
     }
 }
 
-/// Serve `repo` on `listener` until the returned sender fires; the task ends once the
-/// server has closed its sockets.
-fn serve(
-    repo: &Repo,
-    listener: tokio::net::TcpListener,
-) -> (
-    tokio::sync::oneshot::Sender<()>,
-    tokio::task::JoinHandle<()>,
-) {
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let hub = repo.hub();
-    let task = tokio::spawn(async move {
-        let _ = sheafdb::relay::run(listener, hub, Default::default(), async {
-            let _ = stopped.await;
-        })
-        .await;
-    });
-    (stop, task)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_note_status_says_saved_synced_offline_and_synced_again() {
     use sheafdb::{NoteStatus, NoteStatusWatch};
@@ -271,7 +251,7 @@ async fn a_note_status_says_saved_synced_offline_and_synced_again() {
     let relay = Repo::temporary(RepoConfig::relay()).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let (stop, task) = serve(&relay, listener);
+    let (stop, task) = common::serve(&relay, listener);
     let backoff = sheafdb::net::client::Backoff {
         base: Duration::from_millis(50),
         cap: Duration::from_millis(200),
@@ -298,7 +278,7 @@ async fn a_note_status_says_saved_synced_offline_and_synced_again() {
 
     // Back on the same address: synced again, and the relay has the offline edit.
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
-    let (_stop, _task) = serve(&relay, listener);
+    let (_stop, _task) = common::serve(&relay, listener);
     reach(&mut status, NoteStatus::Synced).await;
     let on_relay = relay.find(h.id()).await.unwrap();
     assert_eq!(on_relay.heads(), h.heads());
@@ -1065,14 +1045,7 @@ async fn a_peer_refuses_a_forged_change_and_keeps_the_connection_a_relay_closes_
         repo.flush().await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("ws://{}", listener.local_addr().unwrap());
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let hub = repo.hub();
-        tokio::spawn(async move {
-            let _ = sheafdb::relay::run(listener, hub, Default::default(), async {
-                let _ = stopped.await;
-            })
-            .await;
-        });
+        let (stop, _task) = common::serve(&repo, listener);
         let mut c = raw::Client::join(&url, "raw").await;
         let mut mine = automerge::Automerge::new().with_actor(ActorId::from(vec![7; 16]));
         let mut state = State::new();

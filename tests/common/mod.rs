@@ -718,13 +718,26 @@ pub async fn in_process_relay() -> (String, sheafdb::Repo, tokio::sync::oneshot:
     let relay = sheafdb::Repo::temporary(sheafdb::RepoConfig::relay()).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("ws://{}", listener.local_addr().unwrap());
+    let (stop, _task) = serve(&relay, listener);
+    (url, relay, stop)
+}
+
+/// Serve `repo` over WebSockets on `listener` (`relay::run`) until the returned sender fires
+/// or is dropped; the task ends once the server has closed its sockets.
+pub fn serve(
+    repo: &sheafdb::Repo,
+    listener: tokio::net::TcpListener,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let hub = relay.hub();
-    tokio::spawn(async move {
+    let hub = repo.hub();
+    let task = tokio::spawn(async move {
         let _ = sheafdb::relay::run(listener, hub, Default::default(), async {
             let _ = stopped.await;
         })
         .await;
     });
-    (url, relay, stop)
+    (stop, task)
 }
