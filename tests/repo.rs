@@ -216,6 +216,32 @@ async fn the_heads_watch_follows_local_changes() {
     assert_eq!(*heads.borrow(), h.heads());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_save_state_never_says_saved_before_the_latest_edit_is_written() {
+    let repo = Repo::temporary(RepoConfig::default()).unwrap();
+    let h = repo.create().await.unwrap();
+    let state = h.save_state();
+    let mut saved_seen = 0;
+    for i in 0..3_000_i64 {
+        h.change(|tx| tx.put(ROOT, "n", i)).unwrap();
+        if *state.borrow() == SaveState::Saved {
+            // Only if this very edit is already in the store (the thread was held up).
+            let stored = repo.store().load(&h.id()).unwrap().unwrap();
+            assert_eq!(
+                stored.doc.get_heads(),
+                h.heads(),
+                "edit {i}: the save state says Saved, but the edit is not written"
+            );
+            saved_seen += 1;
+        }
+        if i % 100 == 0 {
+            // Let writes complete now and then, so that Saved is published between edits.
+            h.saved().await.unwrap();
+        }
+    }
+    assert!(saved_seen < 3_000);
+}
+
 #[tokio::test]
 async fn a_new_heads_watch_starts_from_the_latest_local_change() {
     let repo = Repo::temporary(RepoConfig::default()).unwrap();

@@ -145,6 +145,7 @@ pub(super) fn spawn(
                 conns: HashMap::new(),
                 finds: HashMap::new(),
                 emitted: HashMap::new(),
+                emitted_heads: HashMap::new(),
                 durable: HashMap::new(),
                 save_waiters: HashMap::new(),
                 save_dirty: HashSet::new(),
@@ -251,6 +252,8 @@ struct Driver {
     finds: HashMap<DocumentId, Vec<DocReply>>,
     /// Last chunk sequence emitted / acknowledged durable, per document.
     emitted: HashMap<DocumentId, u64>,
+    /// The note's heads once the last emitted chunk is written.
+    emitted_heads: HashMap<DocumentId, Vec<automerge::ChangeHash>>,
     durable: HashMap<DocumentId, u64>,
     save_waiters: HashMap<DocumentId, Vec<(u64, SavedReply)>>,
     /// Documents whose emitted or durable sequence moved since the last publish.
@@ -514,9 +517,10 @@ impl Driver {
                 seq,
                 chunk,
                 snapshot,
-                ..
+                heads,
             } => {
                 self.emitted.insert(doc, seq);
+                self.emitted_heads.insert(doc, heads);
                 self.save_dirty.insert(doc);
                 let op = if snapshot {
                     WriteOp::Compact {
@@ -658,6 +662,7 @@ impl Driver {
                     chans.remove(&doc);
                 }
                 self.emitted.remove(&doc);
+                self.emitted_heads.remove(&doc);
                 self.durable.remove(&doc);
             }
         }
@@ -678,7 +683,17 @@ impl Driver {
                 };
                 if let Some(ch) = chans.get(id) {
                     let durable = self.durable.get(id).copied().unwrap_or(0);
-                    let state = if durable >= *seq {
+                    // Decided and published under the note's lock, where a handle marks an
+                    // edit `Unsaved`: an edit made since the last chunk (its `LocalChange`
+                    // not handled yet) keeps it `Unsaved`.
+                    let written = durable >= *seq;
+                    let shared = written.then(|| self.engine.document(id)).flatten();
+                    let doc = shared.as_ref().map(|d| d.lock());
+                    let edited_since = match (&doc, self.emitted_heads.get(id)) {
+                        (Some(doc), Some(heads)) => doc.get_heads() != *heads,
+                        _ => false,
+                    };
+                    let state = if written && !edited_since {
                         SaveState::Saved
                     } else {
                         SaveState::Unsaved

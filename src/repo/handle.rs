@@ -134,15 +134,20 @@ impl DocHandle {
             if hash.is_some() && self.channels.heads.receiver_count() > 0 {
                 self.channels.heads.send_replace(doc.get_heads());
             }
+            if hash.is_some() {
+                // Under the note's lock too: the driver decides `Saved` under it, from the
+                // note's heads, so it never overwrites this with the previous chunk's
+                // `Saved`. Already `Unsaved` while earlier edits are on their way: no one
+                // to wake.
+                self.channels.save.send_if_modified(|s| {
+                    let was = *s;
+                    *s = SaveState::Unsaved;
+                    was != SaveState::Unsaved
+                });
+            }
             (out, hash.is_some())
         };
         if changed {
-            // Already `Unsaved` while earlier edits are on their way: no one to wake.
-            self.channels.save.send_if_modified(|s| {
-                let was = *s;
-                *s = SaveState::Unsaved;
-                was != SaveState::Unsaved
-            });
             // No peer has this change yet: until the engine reports again, "Synced" would
             // be stale (an app would show a checkmark for an edit that only exists here).
             self.channels.sync.send_if_modified(|m| {
