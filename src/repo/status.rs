@@ -27,7 +27,8 @@ pub enum NoteStatus {
     /// On disk, but no peer is connected: edits stay here and flow when one is back.
     Offline,
     /// On disk; a connected peer has not got everything yet, or has sent something not
-    /// yet taken in.
+    /// yet taken in. (Also what a note shows while a peer declines it, for example a relay
+    /// whose token for this repo does not cover the note: no status says "refused" yet.)
     Syncing,
     /// On disk, and every peer syncing this note has the same heads.
     Synced,
