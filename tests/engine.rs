@@ -325,18 +325,15 @@ fn a_document_the_relay_said_it_lacks_is_served_once_a_peer_offers_it() {
             },
         );
         net.settle();
-        if same_batch {
-            net.advance(grace);
-            net.connect(b, relay);
-        } else {
-            net.advance(grace);
+        net.advance(grace);
+        if !same_batch {
             net.settle();
             assert!(has_event(&net, a, |e| matches!(
                 e,
                 Event::DocUnavailable { doc: d } if *d == doc
             )));
-            net.connect(b, relay);
         }
+        net.connect(b, relay);
         net.settle();
         net.advance(grace * 2);
         net.settle();
