@@ -234,7 +234,11 @@ fn check(
             "a change that the note does not rebuild as it came",
         ));
     }
-    let max_ops: HashMap<ChangeHash, u64> = meta.iter().map(|m| (m.hash, m.max_op)).collect();
+    // The last op of each added change and, as they are looked up, of the older changes
+    // they depend on (many added changes share a dependency: with many peers typing, every
+    // change of a batch may name the same few heads of the others).
+    let mut max_ops: HashMap<ChangeHash, u64> =
+        meta.iter().map(|m| (m.hash, m.max_op)).collect();
     let mut unusual = false;
     for change in &rebuilt {
         let mut deps_max = 0;
@@ -242,7 +246,10 @@ fn check(
             let max = match max_ops.get(dep) {
                 Some(m) => *m,
                 None => match doc.get_change_meta_by_hash(dep) {
-                    Some(m) => m.max_op,
+                    Some(m) => {
+                        max_ops.insert(*dep, m.max_op);
+                        m.max_op
+                    }
                     None => {
                         return Err(AdmitError::Unsound(
                             "a change applied without its dependency",
