@@ -237,8 +237,7 @@ fn check(
     // The last op of each added change and, as they are looked up, of the older changes
     // they depend on (many added changes share a dependency: with many peers typing, every
     // change of a batch may name the same few heads of the others).
-    let mut max_ops: HashMap<ChangeHash, u64> =
-        meta.iter().map(|m| (m.hash, m.max_op)).collect();
+    let mut max_ops: HashMap<ChangeHash, u64> = meta.iter().map(|m| (m.hash, m.max_op)).collect();
     let mut unusual = false;
     for change in &rebuilt {
         let mut deps_max = 0;
