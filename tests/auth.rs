@@ -325,6 +325,62 @@ async fn valid_tokens_sync_and_uncovered_documents_are_unavailable() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_note_the_token_does_not_cover_says_declined_and_is_not_sent_again() {
+    let relay = start_relay(with_auth()).await;
+    let writer = Repo::temporary(RepoConfig::default()).unwrap();
+    // Made offline; the token then covers x only.
+    let x = note(&writer, "x").await;
+    let z = note(&writer, "z").await;
+    writer
+        .connect_with(
+            &relay.url,
+            ConnectOptions::token(token("new", only(x.id()), true)),
+        )
+        .unwrap();
+    let mut xs = x.status();
+    timeout(WAIT, xs.wait_for(|s| s == sheafdb::NoteStatus::Synced))
+        .await
+        .expect("x syncs")
+        .unwrap();
+    let mut zs = z.status();
+    timeout(WAIT, zs.wait_for(|s| s == sheafdb::NoteStatus::Declined))
+        .await
+        .expect("z is declined, not syncing forever")
+        .unwrap();
+    assert!(z
+        .sync_status()
+        .borrow()
+        .values()
+        .all(|s| *s == sheafdb::engine::PeerSyncStatus::Declined));
+    assert!(!relay.repo.contains(&z.id()).unwrap());
+
+    // Edits to z stay here: nothing is offered to a relay that declined it (each offer
+    // would be refused again), and z still says so once each edit is saved.
+    let denied = || {
+        relay
+            .repo
+            .stats()
+            .docs_denied
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let before = denied();
+    for i in 0..5 {
+        z.change(|tx| tx.put(ROOT, "title", format!("z{i}")))
+            .unwrap();
+        z.saved().await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(denied(), before, "z was offered again");
+    assert_eq!(z.status().get(), sheafdb::NoteStatus::Declined);
+    // x goes on syncing.
+    x.change(|tx| tx.put(ROOT, "title", "x2")).unwrap();
+    timeout(WAIT, xs.wait_for(|s| s == sheafdb::NoteStatus::Synced))
+        .await
+        .expect("x syncs again")
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_only_peers_changes_never_land() {
     let relay = start_relay(with_auth()).await;
     let writer = Repo::temporary(RepoConfig::default()).unwrap();

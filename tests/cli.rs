@@ -394,6 +394,41 @@ fn failed_with(o: Output) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_reports_the_notes_a_relay_declines_instead_of_waiting_for_them() {
+    // A relay that takes one note per connection declines the second.
+    let relay = sheafdb::Repo::temporary(sheafdb::RepoConfig::relay()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_url = format!("ws://{}", listener.local_addr().unwrap());
+    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let config = sheafdb::relay::ServerConfig {
+        max_docs_per_connection: Some(1),
+        ..Default::default()
+    };
+    tokio::spawn(sheafdb::relay::run(listener, relay.hub(), config, async {
+        let _ = stopped.await;
+    }));
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    for t in ["one", "two"] {
+        ok(sheaf_async(&dir, &["new", "--title", t]).await);
+    }
+    let started = std::time::Instant::now();
+    let sync = ["sync", "--relay", &relay_url, "--timeout", "60"];
+    let out = sheaf_async(&dir, &sync).await;
+    let err = String::from_utf8(out.stderr.clone()).unwrap();
+    assert_eq!(
+        failed_with(out),
+        format!("sheaf: 1 of 2 notes synced; 1 declined by {relay_url}")
+    );
+    assert!(err.contains("declined by ws://"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the declined note was waited for"
+    );
+    assert_eq!(relay.list().unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_pulls_edits_made_elsewhere() {
     let (relay_url, relay, _stop) = common::in_process_relay().await;
     let tmp = tempfile::tempdir().unwrap();

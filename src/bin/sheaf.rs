@@ -550,17 +550,22 @@ async fn sync(repo: &Repo, relay: &str, notes: &[String], timeout: Duration) -> 
     }
     let total = handles.len();
     eprintln!("syncing {total} notes");
-    let is_synced = |h: &DocHandle| {
+    let relay_says = |h: &DocHandle, want: PeerSyncStatus| {
         let st: HashMap<_, _> = h.sync_status().borrow().clone();
-        relay_peers
-            .iter()
-            .any(|p| st.get(p) == Some(&PeerSyncStatus::Synced))
+        relay_peers.iter().any(|p| st.get(p) == Some(&want))
     };
     let mut done = 0;
     let mut pending: Vec<DocHandle> = handles;
+    let mut declined: Vec<DocHandle> = Vec::new();
     while !pending.is_empty() {
-        pending.retain(|h| !is_synced(h));
-        let now_done = total - pending.len();
+        // A note the relay declines will not sync by waiting.
+        let (no, rest): (Vec<_>, Vec<_>) = pending
+            .into_iter()
+            .partition(|h| relay_says(h, PeerSyncStatus::Declined));
+        declined.extend(no);
+        pending = rest;
+        pending.retain(|h| !relay_says(h, PeerSyncStatus::Synced));
+        let now_done = total - pending.len() - declined.len();
         if now_done != done {
             done = now_done;
             eprintln!("synced {done}/{total}");
@@ -576,6 +581,20 @@ async fn sync(repo: &Repo, relay: &str, notes: &[String], timeout: Duration) -> 
         let _ = tokio::time::timeout(Duration::from_millis(100), rx.changed()).await;
     }
     repo.flush().await?;
+    if !declined.is_empty() {
+        for h in &declined {
+            eprintln!(
+                "declined by {relay}: {} (the relay takes no more notes on one connection, \
+                 or its access rules exclude this one)",
+                h.url()
+            );
+        }
+        bail!(
+            "{} of {total} notes synced; {} declined by {relay}",
+            total - declined.len(),
+            declined.len()
+        );
+    }
     outln!("synced {total} notes");
     Ok(())
 }

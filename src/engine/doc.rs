@@ -38,6 +38,11 @@ pub enum PeerSyncStatus {
     Syncing,
     /// Both sides have each other's heads.
     Synced,
+    /// The peer answered our offer of the document with `doc-unavailable`: it will not take
+    /// it (a relay whose token for this connection does not cover the note, or that holds
+    /// its limit of documents for one connection). Nothing goes to it until it sends a sync
+    /// message for the document (a new connection starts over).
+    Declined,
 }
 
 /// A sync or request message waiting in a document's inbox.
@@ -61,6 +66,9 @@ pub(super) struct PeerDoc {
     pub asked: bool,
     /// We told the peer `doc-unavailable` (once).
     pub told_unavailable: bool,
+    /// The peer said `doc-unavailable` while we had the document: it was offered the
+    /// document, not asked for it, and declined (see [`PeerSyncStatus::Declined`]).
+    pub declined: bool,
     pub status: PeerSyncStatus,
     /// Changes of this peer wait in the inbox and it was not told we have them yet (see
     /// `forward`).
@@ -120,6 +128,7 @@ impl PeerDoc {
             they_unavailable: false,
             asked: false,
             told_unavailable: false,
+            declined: false,
             status: PeerSyncStatus::Syncing,
             owes_ack: false,
             holds: true,
@@ -920,6 +929,10 @@ impl DocEntry {
                 // We have nothing to give: talk only to peers we ask, or that offer it.
                 continue;
             }
+            if p.declined {
+                // It would only decline again (see `PeerSyncStatus::Declined`).
+                continue;
+            }
             if let Some(since) = p.awaiting_since {
                 if now.saturating_sub(since) < config.max_hold_ms {
                     continue;
@@ -963,7 +976,9 @@ impl DocEntry {
             };
             let synced =
                 !busy && p.awaiting_since.is_none() && p.sync.their_heads.as_ref() == Some(&heads);
-            let status = if synced {
+            let status = if p.declined {
+                PeerSyncStatus::Declined
+            } else if synced {
                 PeerSyncStatus::Synced
             } else {
                 PeerSyncStatus::Syncing

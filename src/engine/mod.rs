@@ -461,8 +461,11 @@ impl Engine {
             ) => self.enqueue_sync(now, conn, document_id, data, true),
             (ConnPhase::Ready { .. }, Message::DocUnavailable { document_id, .. }) => {
                 if let Some(d) = self.docs.get_mut(&document_id) {
+                    let have = d.phase == DocPhase::Ready;
                     if let Some(p) = d.peers.get_mut(&conn) {
                         p.they_unavailable = true;
+                        // We had it: they were offered it, not asked for it.
+                        p.declined |= have;
                         self.touched.insert(document_id);
                     }
                 }
@@ -562,6 +565,8 @@ impl Engine {
             if request {
                 p.they_requested = true;
             }
+            // A peer that syncs the document no longer declines it.
+            p.declined = false;
             p.awaiting_since = None;
             if let Some(at) = p.forwarded_at.take() {
                 // A peer that took long to answer was busy applying: give it a pause in

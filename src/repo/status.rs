@@ -1,4 +1,4 @@
-//! One status per note, as an editor shows it: saving, saved, offline, syncing, synced.
+//! One status per note, as an editor shows it: saving, saved, offline, syncing, synced, declined.
 //!
 //! The facts live in separate watches, each with its own writer: the note's save state (the
 //! handle on an edit, the driver on a durable write), its per-peer sync status (the engine),
@@ -27,11 +27,16 @@ pub enum NoteStatus {
     /// On disk, but no peer is connected: edits stay here and flow when one is back.
     Offline,
     /// On disk; a connected peer has not got everything yet, or has sent something not
-    /// yet taken in. (Also what a note shows while a peer declines it, for example a relay
-    /// whose token for this repo does not cover the note: no status says "refused" yet.)
+    /// yet taken in.
     Syncing,
     /// On disk, and every peer syncing this note has the same heads.
     Synced,
+    /// On disk, but the connected peers were offered the note and declined it (a relay
+    /// whose token for this repo does not cover it): edits stay here until access changes
+    /// and the repo connects again. Something for an app to tell its user, since waiting
+    /// will not help. Shown when no peer is syncing the note; one that has it and one that
+    /// declines it show `Declined` too: the note is not where this repo sends it.
+    Declined,
 }
 
 /// The facts a status is derived from.
@@ -49,10 +54,13 @@ impl Facts<'_> {
             return NoteStatus::Saving;
         }
         if !self.sync.is_empty() {
-            return if self.sync.values().all(|s| *s == PeerSyncStatus::Synced) {
-                NoteStatus::Synced
-            } else {
+            let any = |want| self.sync.values().any(|s| *s == want);
+            return if any(PeerSyncStatus::Syncing) {
                 NoteStatus::Syncing
+            } else if any(PeerSyncStatus::Declined) {
+                NoteStatus::Declined
+            } else {
+                NoteStatus::Synced
             };
         }
         match (self.peers_connected, self.networked) {
@@ -188,7 +196,7 @@ mod tests {
     #[test]
     fn each_fact_leads_to_the_status_an_editor_expects() {
         use NoteStatus::*;
-        use PeerSyncStatus::{Synced as S, Syncing as Y};
+        use PeerSyncStatus::{Declined as N, Synced as S, Syncing as Y};
         use SaveState::{Saved as D, Unsaved as U};
         // Not on disk comes first, whatever the network does.
         assert_eq!(status(U, &[S], true, true, true), Saving);
@@ -200,6 +208,11 @@ mod tests {
         // Peers syncing this note.
         assert_eq!(status(D, &[S, S], true, true, true), Synced);
         assert_eq!(status(D, &[S, Y], true, true, true), Syncing);
+        // A peer that declines the note: nothing will change by waiting.
+        assert_eq!(status(D, &[N], true, true, true), Declined);
+        assert_eq!(status(D, &[S, N], true, true, true), Declined);
+        assert_eq!(status(D, &[Y, N], true, true, true), Syncing);
+        assert_eq!(status(U, &[N], true, true, true), Saving);
         // Connected, first round not reported yet: a peer announces, a relay waits to be
         // asked.
         assert_eq!(status(D, &[], true, true, true), Syncing);
