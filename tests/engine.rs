@@ -7,7 +7,7 @@ mod common;
 use automerge::sync::{ChunkList, Message as SyncMessage};
 use automerge::transaction::Transactable;
 use automerge::{ActorId, Automerge, ObjType, ReadDoc, ROOT};
-use sheafdb::engine::{Effect, Engine, Event, Input, Millis};
+use sheafdb::engine::{Effect, Engine, Event, Input, Millis, PeerSyncStatus};
 use sheafdb::net::{ConnId, Direction};
 use sheafdb::protocol::{Message, PeerMetadata};
 use sheafdb::{DocumentId, PeerId};
@@ -349,6 +349,48 @@ fn a_document_the_relay_said_it_lacks_is_served_once_a_peer_offers_it() {
             "same_batch {same_batch}"
         );
     }
+}
+
+#[test]
+fn a_peer_that_lacked_a_document_we_asked_for_is_not_taken_to_decline_it() {
+    // `a` asks `c` (a peer, quick to give up) and the relay; both lack the note, and `c`
+    // says so. Then the note's owner uploads it to the relay, which serves `a`. `c` said
+    // "unavailable" to a request, not to an offer: `a` must offer it the note, and `c` must
+    // not show as declining it.
+    let mut net = Net::new();
+    let relay = net.add(relay_config("relay"));
+    let a = net.add(peer_config("a"));
+    let mut quick = peer_config("c");
+    quick.request_grace_ms = 100;
+    let c = net.add(quick);
+    let b = net.add(peer_config("b"));
+    net.connect(a, relay);
+    net.connect(a, c);
+    net.settle();
+    let doc = DocumentId::random();
+    net.push(a, Input::Find { doc });
+    net.settle();
+    net.advance(200);
+    net.settle();
+    net.push(
+        b,
+        Input::Create {
+            doc,
+            automerge: note("hello"),
+        },
+    );
+    net.connect(b, relay);
+    net.settle();
+    net.advance(1_000);
+    net.settle();
+    assert_eq!(net.heads(a, &doc), net.heads(b, &doc));
+    assert_eq!(net.heads(c, &doc), net.heads(b, &doc), "c got the note");
+    let status = net.nodes[a].engine.sync_status(&doc);
+    assert_eq!(status.len(), 2, "{status:?}");
+    assert!(
+        status.iter().all(|(_, s)| *s == PeerSyncStatus::Synced),
+        "{status:?}"
+    );
 }
 
 #[test]
