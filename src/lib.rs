@@ -18,10 +18,10 @@
 //!   loop (limits, keepalive, close codes), `/health` and Prometheus `/metrics`.
 //! - [`repo`]: the runtime: [`Repo`] (store + engine thread + sockets) and [`DocHandle`];
 //!   one status per note for an editor to show ([`NoteStatus`]: saving, saved, offline,
-//!   syncing, synced, declined; `repo/status.rs`); editor helpers: rich text at code-point or UTF-16
-//!   offsets ([`repo::text`]), history ([`repo::history`]) and typed presence over ephemeral
-//!   messages, JS-compatible ([`repo::presence`]: the wire envelope, the sans-IO tracker, the
-//!   tokio task). The `sheaf` binary is the command line over it.
+//!   syncing, synced, declined; `repo/status.rs`); editor helpers: rich text at code-point or
+//!   UTF-16 offsets ([`repo::text`]), history ([`repo::history`]) and typed presence over
+//!   ephemeral messages, JS-compatible ([`repo::presence`]: the wire envelope, the sans-IO
+//!   tracker, the tokio task). The `sheaf` binary is the command line over it.
 //! - [`schema`]: invariants per kind of note (a check and a deterministic repair); the
 //!   built-ins [`schema::UniqueList`] and [`schema::RequiredField`]. Local changes that break
 //!   one are rejected ([`DocHandle::change`]); merges that break one are repaired by the

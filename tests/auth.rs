@@ -369,8 +369,14 @@ async fn a_note_the_token_does_not_cover_says_declined_and_is_not_sent_again() {
             .unwrap();
         z.saved().await.unwrap();
     }
+    // Nor its ephemeral messages (presence would send one every heartbeat).
+    z.broadcast(vec![0xa0]).unwrap();
     tokio::time::sleep(Duration::from_millis(1_500)).await;
-    assert_eq!(denied(), before, "z was offered again");
+    assert_eq!(
+        denied(),
+        before,
+        "z or its ephemeral messages were sent again"
+    );
     assert_eq!(z.status().get(), sheafdb::NoteStatus::Declined);
     // x goes on syncing.
     x.change(|tx| tx.put(ROOT, "title", "x2")).unwrap();

@@ -604,13 +604,7 @@ impl Engine {
             data: data.clone(),
         }));
         let Some(d) = self.docs.get(&id) else { return };
-        let targets: Vec<(ConnId, PeerId)> = d
-            .peers
-            .keys()
-            .filter(|c| **c != conn)
-            .filter_map(|c| Some((*c, self.conns.get(c)?.peer_id()?.clone())))
-            .collect();
-        for (c, target) in targets {
+        for (c, target) in self.ephemeral_targets(d, Some(conn)) {
             self.effects.push(Effect::Send {
                 conn: c,
                 msg: Message::Ephemeral {
@@ -625,15 +619,22 @@ impl Engine {
         }
     }
 
+    /// Where an ephemeral message for `d` goes: every joined peer of the document but
+    /// `except` (its sender) and those that declined the document (each would answer with
+    /// `doc-unavailable`).
+    fn ephemeral_targets(&self, d: &DocEntry, except: Option<ConnId>) -> Vec<(ConnId, PeerId)> {
+        d.peers
+            .iter()
+            .filter(|(c, p)| Some(**c) != except && !p.declined)
+            .filter_map(|(c, _)| Some((*c, self.conns.get(c)?.peer_id()?.clone())))
+            .collect()
+    }
+
     fn broadcast(&mut self, id: DocumentId, data: Vec<u8>) {
         let Some(d) = self.docs.get(&id) else { return };
+        let targets = self.ephemeral_targets(d, None);
         self.ephemeral_count += 1;
         let count = self.ephemeral_count;
-        let targets: Vec<(ConnId, PeerId)> = d
-            .peers
-            .keys()
-            .filter_map(|c| Some((*c, self.conns.get(c)?.peer_id()?.clone())))
-            .collect();
         for (c, target) in targets {
             self.effects.push(Effect::Send {
                 conn: c,

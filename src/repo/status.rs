@@ -1,4 +1,5 @@
-//! One status per note, as an editor shows it: saving, saved, offline, syncing, synced, declined.
+//! One status per note, as an editor shows it: saving, saved, offline, syncing, synced or
+//! declined.
 //!
 //! The facts live in separate watches, each with its own writer: the note's save state (the
 //! handle on an edit, the driver on a durable write), its per-peer sync status (the engine),
