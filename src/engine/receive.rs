@@ -26,7 +26,7 @@
 //! needs an empty queue).
 
 use automerge::sync::{Capability, Message, MessageFlags, State, SyncDoc};
-use automerge::{Automerge, AutomergeError, ReadDoc};
+use automerge::{Automerge, AutomergeError, ChangeHash, ReadDoc};
 
 /// Most hashes sent to a peer kept untrimmed; above this a message takes Automerge's path.
 const TRIM_SENT_AT: usize = 1024;
@@ -35,8 +35,16 @@ const TRIM_SENT_AT: usize = 1024;
 pub(crate) fn receive_applied(
     doc: &mut Automerge,
     state: &mut State,
-    msg: Message,
+    mut msg: Message,
 ) -> Result<(), AutomergeError> {
+    // Automerge 0.12 builds its next message from the peer's `need` as it came. A `need`
+    // naming one of our changes twice (found by the `sync_message` fuzz target:
+    // `fuzz/regressions/sync_message/need-naming-a-change-twice`) made it panic building
+    // that message (`ChangeCollector::finish`, from `generate_sync_message`), which would
+    // take the engine down. Honest peers never repeat a hash. Heads likewise, for good
+    // measure.
+    dedup_keeping_order(&mut msg.need);
+    dedup_keeping_order(&mut msg.heads);
     let resets = msg.heads.is_empty()
         || msg
             .flags
@@ -87,6 +95,12 @@ pub(crate) fn receive_applied(
     state.their_heads = Some(heads);
     state.their_need = Some(need);
     Ok(())
+}
+
+/// Drops the repeats in `hashes`, keeping each hash where it first appears.
+fn dedup_keeping_order(hashes: &mut Vec<ChangeHash>) {
+    let mut seen = std::collections::HashSet::with_capacity(hashes.len());
+    hashes.retain(|h| seen.insert(*h));
 }
 
 #[cfg(test)]
