@@ -939,8 +939,25 @@ impl DocEntry {
                 }
                 p.awaiting_since = None;
             }
-            let Some(msg) = super::basis::generate(&doc, &mut p.sync) else {
-                continue;
+            // Automerge builds the message from what the peer told us (its heads, needs,
+            // Bloom filter), and some such fields made it panic (see `receive`). Any other
+            // that does must cost this peer its sync state, not the engine: it syncs from
+            // scratch with the next message.
+            let generated = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                super::basis::generate(&doc, &mut p.sync)
+            }));
+            let msg = match generated {
+                Ok(Some(msg)) => msg,
+                Ok(None) => continue,
+                Err(payload) => {
+                    tracing::warn!(
+                        %id,
+                        why = %admit::panic_message(payload.as_ref()),
+                        "building a sync message panicked; syncing with the peer from scratch"
+                    );
+                    p.restart_sync();
+                    continue;
+                }
             };
             if !msg.changes.is_empty() {
                 p.awaiting_since = Some(now);
