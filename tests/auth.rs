@@ -434,6 +434,75 @@ async fn a_read_only_peers_changes_never_land() {
     assert!(title.contains("original"), "{title}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_peers_own_edits_say_read_only_instead_of_syncing_forever() {
+    use sheafdb::NoteStatus::{ReadOnly, Synced};
+    let relay = start_relay(with_auth()).await;
+    let writer = Repo::temporary(RepoConfig::default()).unwrap();
+    writer
+        .connect_with(
+            &relay.url,
+            ConnectOptions::token(token("new", DocScope::All, true)),
+        )
+        .unwrap();
+    let w = note(&writer, "original").await;
+    let mut ws = w.status();
+    timeout(WAIT, ws.wait_for(|s| s == Synced))
+        .await
+        .expect("the writer's note syncs")
+        .unwrap();
+    let reader = Repo::temporary(RepoConfig::default()).unwrap();
+    reader
+        .connect_with(
+            &relay.url,
+            ConnectOptions::token(token("new", only(w.id()), false)),
+        )
+        .unwrap();
+    let r = timeout(WAIT, reader.find(w.id())).await.unwrap().unwrap();
+    // Reading alone: the reader has what the relay has.
+    let mut rs = r.status();
+    timeout(WAIT, rs.wait_for(|s| s == Synced))
+        .await
+        .expect("a reader that has not edited is synced")
+        .unwrap();
+
+    // Its own edit will never be taken: it says so instead of syncing forever.
+    r.change(|tx| tx.put(ROOT, "title", "mine")).unwrap();
+    timeout(WAIT, rs.wait_for(|s| s == ReadOnly))
+        .await
+        .expect("the reader's edited note says read-only")
+        .unwrap();
+    assert!(r
+        .sync_status()
+        .borrow()
+        .values()
+        .all(|s| *s == sheafdb::engine::PeerSyncStatus::ReadOnly));
+
+    // The writer's next edit still reaches it, and then it is read-only again (it has
+    // everything the relay has, and the relay still lacks its edit).
+    w.change(|tx| tx.put(ROOT, "body", "more")).unwrap();
+    let mut changes = r.changes();
+    let deadline = Instant::now() + WAIT;
+    while r.with_doc(|d| d.get(ROOT, "body").unwrap().is_none()) {
+        tokio::time::timeout_at(deadline, changes.next())
+            .await
+            .expect("the reader gets the writer's change");
+    }
+    timeout(WAIT, rs.wait_for(|s| s == ReadOnly))
+        .await
+        .expect("read-only again after taking in the writer's edit")
+        .unwrap();
+    // The writer never sees the reader's edit, and is synced.
+    timeout(WAIT, ws.wait_for(|s| s == Synced))
+        .await
+        .expect("the writer is synced")
+        .unwrap();
+    assert_eq!(
+        w.with_doc(|d| d.get(ROOT, "title").unwrap().unwrap().0.to_string()),
+        "\"original\""
+    );
+}
+
 #[tokio::test]
 async fn rate_limits_throttle_then_recover() {
     let mut config = ServerConfig::default();

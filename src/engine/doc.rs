@@ -43,6 +43,10 @@ pub enum PeerSyncStatus {
     /// its limit of documents for one connection). Nothing goes to it until it sends a sync
     /// message for the document (a new connection starts over).
     Declined,
+    /// We have everything the peer has, and it lacks changes of ours that it will not take:
+    /// it said it is read-only for us (Automerge's `READ_ONLY` sync flag; sheaf-relay says so
+    /// to a connection whose token does not allow writing). Our edits stay here.
+    ReadOnly,
 }
 
 /// A sync or request message waiting in a document's inbox.
@@ -985,18 +989,28 @@ impl DocEntry {
 
     /// Sync status events and sync state worth persisting.
     fn report(&mut self, id: DocumentId, peer_ids: &HashMap<ConnId, PeerId>, out: &mut StepOutput) {
-        let heads = self.doc.lock().get_heads();
+        let doc = self.doc.lock();
+        let heads = doc.get_heads();
         let busy = !self.inbox.is_empty() || !self.in_flight.is_empty();
         for (conn, p) in self.peers.iter_mut() {
             let Some(peer) = peer_ids.get(conn) else {
                 continue;
             };
-            let synced =
-                !busy && p.awaiting_since.is_none() && p.sync.their_heads.as_ref() == Some(&heads);
+            let settled = !busy && p.awaiting_since.is_none();
             let status = if p.declined {
                 PeerSyncStatus::Declined
-            } else if synced {
+            } else if settled && p.sync.their_heads.as_ref() == Some(&heads) {
                 PeerSyncStatus::Synced
+            } else if settled
+                && p.sync.is_peer_read_only()
+                && p.sync.their_heads.as_ref().is_some_and(|theirs| {
+                    theirs
+                        .iter()
+                        .all(|h| doc.get_change_meta_by_hash(h).is_some())
+                })
+            {
+                // We have all it has; what it lacks is ours, and it will not take it.
+                PeerSyncStatus::ReadOnly
             } else {
                 PeerSyncStatus::Syncing
             };

@@ -1,5 +1,5 @@
-//! One status per note, as an editor shows it: saving, saved, offline, syncing, synced or
-//! declined.
+//! One status per note, as an editor shows it: saving, saved, offline, syncing, synced,
+//! declined or read-only.
 //!
 //! The facts live in separate watches, each with its own writer: the note's save state (the
 //! handle on an edit, the driver on a durable write), its per-peer sync status (the engine),
@@ -38,6 +38,11 @@ pub enum NoteStatus {
     /// will not help. Shown when no peer is syncing the note; one that has it and one that
     /// declines it show `Declined` too: the note is not where this repo sends it.
     Declined,
+    /// On disk; this repo has everything the connected peers have, but they will not take
+    /// its own edits: they are read-only for it (a relay whose token for this repo does not
+    /// allow writing). Edits stay here; like `Declined`, waiting will not help. Shown when
+    /// no peer is syncing the note and none declines it.
+    ReadOnly,
 }
 
 /// The facts a status is derived from.
@@ -60,6 +65,8 @@ impl Facts<'_> {
                 NoteStatus::Syncing
             } else if any(PeerSyncStatus::Declined) {
                 NoteStatus::Declined
+            } else if any(PeerSyncStatus::ReadOnly) {
+                NoteStatus::ReadOnly
             } else {
                 NoteStatus::Synced
             };
@@ -197,7 +204,7 @@ mod tests {
     #[test]
     fn each_fact_leads_to_the_status_an_editor_expects() {
         use NoteStatus::*;
-        use PeerSyncStatus::{Declined as N, Synced as S, Syncing as Y};
+        use PeerSyncStatus::{Declined as N, ReadOnly as R, Synced as S, Syncing as Y};
         use SaveState::{Saved as D, Unsaved as U};
         // Not on disk comes first, whatever the network does.
         assert_eq!(status(U, &[S], true, true, true), Saving);
@@ -214,6 +221,12 @@ mod tests {
         assert_eq!(status(D, &[S, N], true, true, true), Declined);
         assert_eq!(status(D, &[Y, N], true, true, true), Syncing);
         assert_eq!(status(U, &[N], true, true, true), Saving);
+        // A peer that has all but our edits and will not take them (read-only for us).
+        assert_eq!(status(D, &[R], true, true, true), ReadOnly);
+        assert_eq!(status(D, &[S, R], true, true, true), ReadOnly);
+        assert_eq!(status(D, &[Y, R], true, true, true), Syncing);
+        assert_eq!(status(D, &[N, R], true, true, true), Declined);
+        assert_eq!(status(U, &[R], true, true, true), Saving);
         // Connected, first round not reported yet: a peer announces, a relay waits to be
         // asked.
         assert_eq!(status(D, &[], true, true, true), Syncing);
