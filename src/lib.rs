@@ -51,6 +51,7 @@ pub mod traces;
 
 pub use error::Error;
 pub use id::{AutomergeUrl, DocumentId, PeerId, StorageId};
+pub use net::client::ConnectionState;
 pub use repo::{
     ConnectOptions, DocHandle, EngineStop, NoteStatus, NoteStatusWatch, Repo, RepoConfig, RepoError,
 };

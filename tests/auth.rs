@@ -15,7 +15,7 @@ use futures::{SinkExt, StreamExt};
 use sheafdb::auth::{Claims, DocScope, Key, Keyring};
 use sheafdb::protocol::{self, Message, PeerMetadata, PROTOCOL_VERSION};
 use sheafdb::relay::{Metrics, RateLimit, ServerConfig, IP_LIMIT_REASON};
-use sheafdb::{ConnectOptions, DocumentId, PeerId, Repo, RepoConfig, RepoError};
+use sheafdb::{ConnectOptions, ConnectionState, DocumentId, PeerId, Repo, RepoConfig, RepoError};
 use tokio::time::{timeout, Instant};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -432,6 +432,47 @@ async fn a_read_only_peers_changes_never_land() {
     assert!(w.with_doc(|d| d.get_change_by_hash(&evil).is_none()));
     let title = w.with_doc(|d| d.get(ROOT, "title").unwrap().unwrap().0.to_string());
     assert!(title.contains("original"), "{title}");
+}
+
+#[tokio::test]
+async fn a_refused_repo_connection_says_why_and_a_refreshed_token_gets_in() {
+    let relay = start_relay(with_auth()).await;
+    let mut expired = Claims::new("new", DocScope::All, true, 10);
+    expired.exp = 1_000;
+    let expired = keyring().mint(&expired).unwrap();
+    // The app's token source: the expired token until the app refreshes it.
+    let current = Arc::new(std::sync::Mutex::new(expired));
+    let source = current.clone();
+    let repo = Repo::temporary(RepoConfig::default()).unwrap();
+    let mut options = ConnectOptions::token_fn(move || Some(source.lock().unwrap().clone()));
+    options.backoff.base = Duration::from_millis(50);
+    options.backoff.cap = Duration::from_millis(200);
+    let mut state = repo.connect_with(&relay.url, options).unwrap();
+    let refused = timeout(
+        WAIT,
+        state.wait_for(|s| matches!(s, ConnectionState::Refused { .. })),
+    )
+    .await
+    .expect("the refusal is reported, not a plain offline")
+    .unwrap()
+    .clone();
+    let ConnectionState::Refused { code, reason, .. } = refused else {
+        unreachable!()
+    };
+    assert_eq!(code, 1008);
+    assert!(
+        reason.starts_with("unauthorized: ") && reason.contains("expired"),
+        "{reason}"
+    );
+    assert_eq!(repo.peers().borrow().len(), 0);
+
+    // A fresh token from the source gets in on the next attempt.
+    *current.lock().unwrap() = token("new", DocScope::All, true);
+    timeout(WAIT, repo.peers().wait_for(|p| !p.is_empty()))
+        .await
+        .expect("connected with the refreshed token")
+        .unwrap();
+    assert_eq!(*state.borrow(), ConnectionState::Connected);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -504,8 +504,15 @@ async fn dial_registers_an_outgoing_connection_and_carries_frames() {
         .hub
         .push(server_side, Outgoing::Close("bye".into()))
         .await;
-    let kind = timeout(WAIT, dialed.task).await.unwrap().unwrap();
-    assert_eq!(kind, relay::CloseKind::PeerClosed);
+    let ended = timeout(WAIT, dialed.task).await.unwrap().unwrap();
+    assert_eq!(ended.kind, relay::CloseKind::PeerClosed);
+    assert_eq!(
+        ended.peer_close,
+        Some(relay::PeerClose {
+            code: 1000,
+            reason: "bye".into()
+        })
+    );
     assert_eq!(client_hub.disconnected(), vec![dialed.conn]);
     server.shutdown().await;
 }

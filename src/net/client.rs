@@ -17,7 +17,7 @@ use tracing::{info, warn};
 
 use super::shutdown::Shutdown;
 use super::{ConnId, ConnInfo, Direction, Hub};
-use crate::relay::{serve_connection, CloseKind, Metrics, SocketConfig};
+use crate::relay::{serve_connection, Ended, Metrics, SocketConfig};
 
 /// Why a dial failed.
 #[derive(Debug, thiserror::Error)]
@@ -88,7 +88,7 @@ impl Default for ClientConfig {
 pub struct Dialed {
     pub conn: ConnId,
     /// Finishes when the socket closes, with the reason.
-    pub task: JoinHandle<CloseKind>,
+    pub task: JoinHandle<Ended>,
 }
 
 /// Connect to `url` (`ws://host:port/path`; `wss` needs a TLS feature that is not enabled),
@@ -157,6 +157,17 @@ pub enum ConnectionState {
     Connected,
     /// Waiting `retry_in` before the next attempt.
     Offline {
+        retry_in: Duration,
+    },
+    /// The server closed the connection on purpose, with a code other than normal (1000)
+    /// or going away (1001), and said why: e.g. 1008 `unauthorized: token expired at ...`
+    /// (sheaf-relay with auth), 1013 over a connection cap. Otherwise as `Offline`: the next
+    /// attempt comes in `retry_in` (asking a [`TokenSource`] for a token again, so
+    /// a refreshed token gets in). What an app shows instead of a plain "offline", or acts
+    /// on (sign the user in again).
+    Refused {
+        code: u16,
+        reason: String,
         retry_in: Duration,
     },
     /// Not connected and not trying again: the connection was ended (the repo shut down,
@@ -230,6 +241,7 @@ pub fn spawn_reconnecting(
         let mut rng = rand::rngs::StdRng::from_entropy();
         let mut cancel = shutdown.clone();
         let mut attempt: u32 = 0;
+        let mut refused = None;
         while !cancel.is_shutdown() {
             // A hub whose engine is gone would drop every socket we hand it.
             if let Err(why) = hub.health() {
@@ -242,8 +254,17 @@ pub fn spawn_reconnecting(
                     state_tx.send_replace(ConnectionState::Connected);
                     let since = Instant::now();
                     // The socket task watches `shutdown` itself and closes with 1001.
-                    let end = dialed.task.await;
-                    info!(url, reason = ?end.ok().map(CloseKind::label), "disconnected");
+                    let end = dialed.task.await.ok();
+                    let kind = end.as_ref().map(|e| e.kind.label());
+                    refused = end
+                        .and_then(|e| e.peer_close)
+                        .filter(|c| !matches!(c.code, 1000 | 1001));
+                    match &refused {
+                        Some(c) => {
+                            warn!(url, code = c.code, reason = %c.reason, "the server closed the connection")
+                        }
+                        None => info!(url, reason = ?kind, "disconnected"),
+                    }
                     if since.elapsed() >= backoff.reset_after {
                         attempt = 0;
                     }
@@ -256,7 +277,14 @@ pub fn spawn_reconnecting(
             }
             let retry_in = backoff.delay(attempt, &mut rng);
             attempt = attempt.saturating_add(1);
-            state_tx.send_replace(ConnectionState::Offline { retry_in });
+            state_tx.send_replace(match refused.take() {
+                Some(c) => ConnectionState::Refused {
+                    code: c.code,
+                    reason: c.reason,
+                    retry_in,
+                },
+                None => ConnectionState::Offline { retry_in },
+            });
             tokio::select! {
                 _ = sleep(retry_in) => {}
                 _ = cancel.recv() => break,

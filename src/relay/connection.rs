@@ -54,6 +54,22 @@ pub enum CloseKind {
     Io,
 }
 
+/// How a connection ended: why, and the Close frame the peer sent, if it sent one with a
+/// code (a server's reason for refusing a client, e.g. `unauthorized: ...` with 1008).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ended {
+    pub kind: CloseKind,
+    pub peer_close: Option<PeerClose>,
+}
+
+/// A Close frame received from the peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerClose {
+    /// The WebSocket close code (1000 normal, 1001 going away, 1008 policy, ...).
+    pub code: u16,
+    pub reason: String,
+}
+
 impl CloseKind {
     /// The `reason` label in `sheaf_closes_total`.
     pub fn label(self) -> &'static str {
@@ -109,7 +125,7 @@ pub async fn serve_connection<S>(
     config: &SocketConfig,
     metrics: Arc<Metrics>,
     shutdown: Shutdown,
-) -> CloseKind
+) -> Ended
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -142,6 +158,7 @@ where
         closing: closing_tx,
     })));
 
+    let mut peer_close = None;
     let (kind, drain) = read_loop(
         &mut stream,
         &*hub,
@@ -151,6 +168,7 @@ where
         &ctrl_tx,
         closing_rx,
         shutdown,
+        &mut peer_close,
     )
     .await;
     // The writer has every request the reader made; without a sender it finishes.
@@ -182,7 +200,7 @@ where
     }
     metrics.closes.inc(kind.label());
     info!(conn = conn.0, reason = kind.label(), "connection closed");
-    kind
+    Ended { kind, peer_close }
 }
 
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
@@ -217,6 +235,7 @@ async fn read_loop<S>(
     ctrl: &mpsc::Sender<CloseRequest>,
     mut closing_rx: watch::Receiver<Option<CloseKind>>,
     mut shutdown: Shutdown,
+    peer_close: &mut Option<PeerClose>,
 ) -> (CloseKind, bool)
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -339,6 +358,12 @@ where
                     }
                     WsMessage::Close(frame) => {
                         debug!(conn = conn.0, ?frame, "peer sent Close");
+                        if peer_close.is_none() {
+                            *peer_close = frame.map(|f| PeerClose {
+                                code: f.code.into(),
+                                reason: f.reason.to_string(),
+                            });
+                        }
                         // tungstenite queues the Close reply; the stream ends after it.
                         if closing.is_none() {
                             closing = Some(CloseKind::PeerClosed);

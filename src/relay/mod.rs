@@ -16,6 +16,6 @@ pub mod metrics;
 pub mod server;
 
 pub use config::{RateLimit, ServerConfig, SocketConfig};
-pub use connection::{serve_connection, CloseKind};
+pub use connection::{serve_connection, CloseKind, Ended, PeerClose};
 pub use metrics::{MetricType, Metrics};
 pub use server::{run, ServerError, IP_LIMIT_REASON, LIMIT_REASON};
