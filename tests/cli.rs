@@ -428,6 +428,101 @@ async fn sync_reports_the_notes_a_relay_declines_instead_of_waiting_for_them() {
     assert_eq!(relay.list().unwrap().len(), 1);
 }
 
+async fn sheaf_env_async(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let dir = dir.to_path_buf();
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        sheaf_env(&dir, &args, &env)
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_with_a_token_says_why_a_relay_refuses_and_what_a_read_only_token_keeps_here() {
+    use sheafdb::auth::{Claims, DocScope, Key, Keyring};
+    let mut keys = Keyring::new();
+    keys.insert("k1", Key::from_bytes([7; 32]));
+    let mint =
+        |docs: DocScope, write: bool| keys.mint(&Claims::new("k1", docs, write, 3600)).unwrap();
+    let relay = sheafdb::Repo::temporary(sheafdb::RepoConfig::relay()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_url = format!("ws://{}", listener.local_addr().unwrap());
+    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let config = sheafdb::relay::ServerConfig {
+        auth: Some(std::sync::Arc::new(keys.clone())),
+        ..Default::default()
+    };
+    tokio::spawn(sheafdb::relay::run(listener, relay.hub(), config, async {
+        let _ = stopped.await;
+    }));
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let url = ok(sheaf_async(&a, &["new", "--title", "shared"]).await)
+        .trim()
+        .to_string();
+    let sync = ["sync", "--relay", &relay_url, "--timeout", "30"];
+
+    // No token: the relay's reason, at once.
+    let started = std::time::Instant::now();
+    let err = failed_with(sheaf_async(&a, &sync).await);
+    assert!(
+        err.starts_with(&format!(
+            "sheaf: the relay {relay_url} refused the connection (1008): unauthorized: "
+        )),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "waited for the timeout"
+    );
+
+    // A write token (from the environment) pushes the note.
+    let write = mint(DocScope::All, true);
+    let out = sheaf_env_async(&a, &sync, &[("SHEAF_TOKEN", &write)]).await;
+    assert_eq!(ok(out).trim(), "synced 1 notes");
+
+    // A read-only token fetches it elsewhere...
+    let id: AutomergeUrl = url.parse().unwrap();
+    let read = mint(DocScope::Docs([id.id].into()), false);
+    let mut fetch = sync.to_vec();
+    fetch.extend(["--token", &read, &url]);
+    assert_eq!(ok(sheaf_async(&b, &fetch).await).trim(), "synced 1 notes");
+    // ...but an edit made there stays there, and sync says so instead of timing out.
+    ok(sheaf_env_async(
+        &b,
+        &["edit", &url, "--key", "text"],
+        &[("EDITOR", "sh -c 'echo local > \"$0\"'")],
+    )
+    .await);
+    let started = std::time::Instant::now();
+    let out = sheaf_async(&b, &fetch[..fetch.len() - 1]).await;
+    let stderr = String::from_utf8(out.stderr.clone()).unwrap();
+    assert_eq!(
+        failed_with(out),
+        format!("sheaf: 0 of 1 notes synced; 1 read-only at {relay_url}")
+    );
+    assert!(
+        stderr.contains(&format!("read-only at {relay_url}: {url}")),
+        "{stderr}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "waited for the timeout"
+    );
+    let at_relay = relay.find(id).await.unwrap();
+    assert!(at_relay.with_doc(|d| {
+        use automerge::ReadDoc;
+        d.get(automerge::ROOT, "text").unwrap().is_none()
+    }));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_pulls_edits_made_elsewhere() {
     let (relay_url, relay, _stop) = common::in_process_relay().await;

@@ -15,8 +15,9 @@ use automerge::{
 use clap::{Parser, Subcommand};
 use sheafdb::engine::PeerSyncStatus;
 use sheafdb::id::URL_PREFIX;
-use sheafdb::net::client::ConnectionState;
-use sheafdb::{AutomergeUrl, DocHandle, Repo, RepoConfig, RepoError};
+use sheafdb::{
+    AutomergeUrl, ConnectOptions, ConnectionState, DocHandle, Repo, RepoConfig, RepoError,
+};
 
 #[derive(Parser, Debug)]
 #[command(name = "sheaf", version, about = "A local-first note store")]
@@ -67,6 +68,9 @@ enum Cmd {
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 60)]
         timeout: u64,
+        /// Capability token for a relay with auth on (`sheaf-relay token`).
+        #[arg(long, env = "SHEAF_TOKEN", hide_env_values = true)]
+        token: Option<String>,
     },
     /// Write a note as Automerge bytes (or JSON with --json) to stdout or a file.
     Export {
@@ -225,7 +229,11 @@ async fn command(repo: &Repo, cmd: Cmd) -> anyhow::Result<()> {
             relay,
             notes,
             timeout,
-        } => sync(repo, &relay, &notes, Duration::from_secs(timeout)).await?,
+            token,
+        } => {
+            let options = token.map(ConnectOptions::token).unwrap_or_default();
+            sync(repo, &relay, options, &notes, Duration::from_secs(timeout)).await?
+        }
         Cmd::Export { url, json, output } => {
             let (h, heads) = open(repo, &url).await?;
             let bytes = match (json, &heads) {
@@ -498,7 +506,13 @@ fn put_json(
     }
 }
 
-async fn sync(repo: &Repo, relay: &str, notes: &[String], timeout: Duration) -> anyhow::Result<()> {
+async fn sync(
+    repo: &Repo,
+    relay: &str,
+    options: ConnectOptions,
+    notes: &[String],
+    timeout: Duration,
+) -> anyhow::Result<()> {
     if !(relay.starts_with("ws://") || relay.starts_with("wss://")) {
         bail!("the relay must be a ws:// or wss:// URL, not {relay:?}");
     }
@@ -507,22 +521,45 @@ async fn sync(repo: &Repo, relay: &str, notes: &[String], timeout: Duration) -> 
         .map(|u| parse_url(u).map(|u| u.id))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut state = repo.connect(relay)?;
+    let mut state = repo.connect_with(relay, options)?;
     eprintln!("connecting to {relay}");
+    // A relay with auth upgrades the socket, then closes it with its reason (1008) if the
+    // token does not do: say that rather than wait for a handshake that will not come.
+    let refused = |s: &ConnectionState| match s {
+        ConnectionState::Refused { code, reason, .. } => Some(anyhow!(
+            "the relay {relay} refused the connection ({code}): {reason}"
+        )),
+        ConnectionState::Stopped => Some(anyhow!("the connection to {relay} ended")),
+        _ => None,
+    };
     let connected = tokio::time::timeout_at(
         deadline,
-        state.wait_for(|s| matches!(s, ConnectionState::Connected)),
+        state.wait_for(|s| matches!(s, ConnectionState::Connected) || refused(s).is_some()),
     )
-    .await;
-    if connected.is_err() {
-        bail!("could not connect to {relay} within {timeout:?}");
+    .await
+    .map(|s| s.map(|s| refused(&s)));
+    match connected {
+        Err(_) => bail!("could not connect to {relay} within {timeout:?}"),
+        Ok(Err(_)) => bail!("the connection to {relay} ended"),
+        Ok(Ok(Some(why))) => return Err(why),
+        Ok(Ok(None)) => {}
     }
     let mut peers = repo.peers();
-    if tokio::time::timeout_at(deadline, peers.wait_for(|p| !p.is_empty()))
-        .await
-        .is_err()
-    {
-        bail!("connected to {relay} but the handshake did not finish within {timeout:?}");
+    let handshake = tokio::time::timeout_at(deadline, async {
+        tokio::select! {
+            _ = peers.wait_for(|p| !p.is_empty()) => None,
+            s = state.wait_for(|s| refused(s).is_some()) => {
+                Some(s.ok().and_then(|s| refused(&s)).unwrap_or_else(|| anyhow!("the connection to {relay} ended")))
+            }
+        }
+    })
+    .await;
+    match handshake {
+        Err(_) => {
+            bail!("connected to {relay} but the handshake did not finish within {timeout:?}")
+        }
+        Ok(Some(why)) => return Err(why),
+        Ok(None) => {}
     }
     let relay_peers = peers.borrow().clone();
     let ids = repo.list()?;
@@ -557,15 +594,21 @@ async fn sync(repo: &Repo, relay: &str, notes: &[String], timeout: Duration) -> 
     let mut done = 0;
     let mut pending: Vec<DocHandle> = handles;
     let mut declined: Vec<DocHandle> = Vec::new();
+    let mut read_only: Vec<DocHandle> = Vec::new();
     while !pending.is_empty() {
-        // A note the relay declines will not sync by waiting.
+        // A note the relay declines, or whose edits here it will not take, will not sync
+        // by waiting.
         let (no, rest): (Vec<_>, Vec<_>) = pending
             .into_iter()
             .partition(|h| relay_says(h, PeerSyncStatus::Declined));
         declined.extend(no);
+        let (ro, rest): (Vec<_>, Vec<_>) = rest
+            .into_iter()
+            .partition(|h| relay_says(h, PeerSyncStatus::ReadOnly));
+        read_only.extend(ro);
         pending = rest;
         pending.retain(|h| !relay_says(h, PeerSyncStatus::Synced));
-        let now_done = total - pending.len() - declined.len();
+        let now_done = total - pending.len() - declined.len() - read_only.len();
         if now_done != done {
             done = now_done;
             eprintln!("synced {done}/{total}");
@@ -581,18 +624,32 @@ async fn sync(repo: &Repo, relay: &str, notes: &[String], timeout: Duration) -> 
         let _ = tokio::time::timeout(Duration::from_millis(100), rx.changed()).await;
     }
     repo.flush().await?;
-    if !declined.is_empty() {
-        for h in &declined {
-            eprintln!(
-                "declined by {relay}: {} (the relay takes no more notes on one connection, \
-                 or its access rules exclude this one)",
-                h.url()
-            );
+    for h in &declined {
+        eprintln!(
+            "declined by {relay}: {} (the relay takes no more notes on one connection, \
+             or its access rules exclude this one)",
+            h.url()
+        );
+    }
+    for h in &read_only {
+        eprintln!(
+            "read-only at {relay}: {} (received what the relay has; the edits made here \
+             stay here, as the token does not allow writing)",
+            h.url()
+        );
+    }
+    if !declined.is_empty() || !read_only.is_empty() {
+        let mut why = Vec::new();
+        if !declined.is_empty() {
+            why.push(format!("{} declined by {relay}", declined.len()));
+        }
+        if !read_only.is_empty() {
+            why.push(format!("{} read-only at {relay}", read_only.len()));
         }
         bail!(
-            "{} of {total} notes synced; {} declined by {relay}",
-            total - declined.len(),
-            declined.len()
+            "{} of {total} notes synced; {}",
+            total - declined.len() - read_only.len(),
+            why.join("; ")
         );
     }
     outln!("synced {total} notes");
