@@ -793,7 +793,25 @@ impl DocEntry {
             // while a write was in flight), and automerge would then take it that the peer
             // knows our new heads, which nobody told it.
             let last_sent = (had_changes || moved).then(|| p.sync.last_sent_heads.clone());
-            let result = super::receive::receive_applied(&mut doc, &mut p.sync, msg);
+            // The message's changes are gone (applied above), so the receive only reads the
+            // note and writes the peer's sync state. Should Automerge panic on some field
+            // of the message (as it did building a message from a repeated `need`, see
+            // `receive`), that costs this peer its sync state, not the engine.
+            let received = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                super::receive::receive_applied(&mut doc, &mut p.sync, msg)
+            }));
+            let result = match received {
+                Ok(result) => result,
+                Err(payload) => {
+                    tracing::warn!(
+                        %id,
+                        why = %admit::panic_message(payload.as_ref()),
+                        "taking in a sync message panicked; syncing with the peer from scratch"
+                    );
+                    p.restart_sync();
+                    continue;
+                }
+            };
             if let Some(last_sent) = last_sent {
                 p.sync.last_sent_heads = last_sent;
             }

@@ -43,6 +43,8 @@ pub(crate) fn receive_applied(
     // that message (`ChangeCollector::finish`, from `generate_sync_message`), which would
     // take the engine down. Honest peers never repeat a hash. Heads likewise, for good
     // measure.
+    #[cfg(test)]
+    tests::maybe_panic();
     dedup_keeping_order(&mut msg.need);
     dedup_keeping_order(&mut msg.heads);
     let resets = msg.heads.is_empty()
@@ -114,6 +116,57 @@ mod tests {
 
     /// Messages [`receive_applied`] took without Automerge's path.
     pub(super) static CHEAP: AtomicUsize = AtomicUsize::new(0);
+
+    thread_local! {
+        /// Receives on this thread left to panic (a stand-in for an Automerge panic on some
+        /// field of a message that no known input triggers).
+        static PANICS_LEFT: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
+    pub(super) fn maybe_panic() {
+        if PANICS_LEFT.with(|n| n.replace(n.get().saturating_sub(1))) > 0 {
+            panic!("injected: taking in a sync message panicked");
+        }
+    }
+
+    /// The engine catches a panic while taking in a message: that peer syncs from scratch,
+    /// the engine lives on, and the replicas converge.
+    #[test]
+    fn a_panic_taking_in_a_sync_message_costs_the_peer_its_sync_state_not_the_engine() {
+        use crate::sim::{Sim, SimConfig};
+        let config = SimConfig {
+            peers: 2,
+            docs: 1,
+            steps: 0,
+            faults: false,
+            ..SimConfig::default()
+        };
+        let mut sim = Sim::new(11, config);
+        sim.heal_and_settle().unwrap();
+        let doc = sim.docs[0];
+        PANICS_LEFT.with(|n| n.set(3));
+        let editors: Vec<usize> = (0..sim.nodes.len())
+            .filter(|n| sim.nodes[*n].handles.contains_key(&doc))
+            .collect();
+        assert!(editors.len() >= 2, "{editors:?}");
+        let keys = |sim: &Sim, node: usize| sim.nodes[node].handles[&doc].lock().keys(ROOT).count();
+        let before = keys(&sim, editors[0]);
+        for i in 0..6 {
+            let node = editors[i % editors.len()];
+            assert!(sim.edit_with(node, doc, |tx| tx.put(ROOT, format!("k{i}"), i as i64)));
+            sim.pump(50);
+        }
+        assert_eq!(
+            PANICS_LEFT.with(|n| n.get()),
+            0,
+            "the panics were not reached"
+        );
+        sim.heal_and_settle().unwrap();
+        sim.check_converged().unwrap();
+        for node in editors {
+            assert_eq!(keys(&sim, node), before + 6, "node {node}");
+        }
+    }
 
     fn edit(doc: &mut Automerge, rng: &mut StdRng) {
         let mut tx = doc.transaction();
