@@ -1007,8 +1007,7 @@ impl DocEntry {
 
     /// Sync status events and sync state worth persisting.
     fn report(&mut self, id: DocumentId, peer_ids: &HashMap<ConnId, PeerId>, out: &mut StepOutput) {
-        let doc = self.doc.lock();
-        let heads = doc.get_heads();
+        let heads = self.doc.lock().get_heads();
         let busy = !self.inbox.is_empty() || !self.in_flight.is_empty();
         for (conn, p) in self.peers.iter_mut() {
             let Some(peer) = peer_ids.get(conn) else {
@@ -1022,6 +1021,7 @@ impl DocEntry {
             } else if settled
                 && p.sync.is_peer_read_only()
                 && p.sync.their_heads.as_ref().is_some_and(|theirs| {
+                    let doc = self.doc.lock();
                     theirs
                         .iter()
                         .all(|h| doc.get_change_meta_by_hash(h).is_some())
