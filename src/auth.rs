@@ -207,6 +207,10 @@ impl Claims {
             None
         };
         let count = r.u16()? as usize;
+        if count > MAX_TOKEN_DOCS {
+            // What `encode` refuses to mint: nothing verifies that could not be minted again.
+            return Err(AuthError::Malformed("more than 256 documents"));
+        }
         let docs = if flags & FLAG_ALL != 0 {
             if count != 0 {
                 return Err(AuthError::Malformed("documents listed with \"all\""));
@@ -332,7 +336,7 @@ impl Key {
         self.0.iter().map(|b| format!("{b:02x}")).collect()
     }
 
-    fn mac(&self, payload: &[u8]) -> blake3::Hash {
+    pub(crate) fn mac(&self, payload: &[u8]) -> blake3::Hash {
         blake3::keyed_hash(&self.0, payload)
     }
 }
@@ -606,6 +610,30 @@ mod tests {
         for bad in ["", "x", "a.b", "0OIl.abc", &"1".repeat(MAX_TOKEN_LEN + 1)] {
             assert!(r.verify_at(bad, 500).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_signed_token_listing_more_documents_than_can_be_minted_is_refused() {
+        let r = ring();
+        let mut c = claims("k1");
+        c.docs = DocScope::Docs((0..MAX_TOKEN_DOCS).map(|_| DocumentId::random()).collect());
+        let mut payload = c.encode().unwrap();
+        assert!(r.mint(&c).is_ok());
+        // One more id, and the count raised to match: well-formed, correctly signed.
+        let at = payload.len() - MAX_TOKEN_DOCS * 16 - 2;
+        payload[at..at + 2].copy_from_slice(&(MAX_TOKEN_DOCS as u16 + 1).to_be_bytes());
+        payload.extend_from_slice(DocumentId::random().as_bytes());
+        let key = r.get("k1").unwrap();
+        let token = format!(
+            "{}.{}",
+            bs58::encode(&payload).into_string(),
+            bs58::encode(key.mac(&payload).as_bytes()).into_string()
+        );
+        assert!(token.len() <= MAX_TOKEN_LEN);
+        assert_eq!(
+            r.verify_at(&token, 500),
+            Err(AuthError::Malformed("more than 256 documents"))
+        );
     }
 
     #[test]
