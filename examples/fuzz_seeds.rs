@@ -289,6 +289,64 @@ fn write_seed_corpora() {
             write("presence", name, &bytes);
         }
     }
+    // http_auth: request heads carrying tokens that must not verify (another key's MAC,
+    // expired), and token payloads (current, expired, not yet valid, a list of documents).
+    {
+        use sheafdb::auth::{Claims, DocScope, Key, Keyring};
+        let ring = fuzzing::auth_ring();
+        let now = fuzzing::AUTH_NOW;
+        let claims = |docs: DocScope, write: bool, exp: u64, nbf: Option<u64>| Claims {
+            kid: "fuzz".into(),
+            sub: "user-1".into(),
+            docs,
+            write,
+            exp,
+            nbf,
+        };
+        let docs =
+            DocScope::Docs([sheafdb::DocumentId::random(), sheafdb::DocumentId::random()].into());
+        let payloads = [
+            ("all-write", claims(DocScope::All, true, now + 3600, None)),
+            ("docs-read", claims(docs, false, now + 60, Some(now - 60))),
+            ("expired", claims(DocScope::All, true, now - 1, None)),
+            (
+                "not-yet",
+                claims(DocScope::All, false, now + 7200, Some(now + 3600)),
+            ),
+        ];
+        for (name, c) in &payloads {
+            let token = ring.mint(c).unwrap();
+            let payload = bs58::decode(token.split_once('.').unwrap().0)
+                .into_vec()
+                .unwrap();
+            write(
+                "http_auth",
+                &format!("forged-{name}"),
+                &seeds::http_auth(1, &payload),
+            );
+            write(
+                "http_auth",
+                &format!("signed-{name}"),
+                &seeds::http_auth(2, &payload),
+            );
+        }
+        let mut other = Keyring::new();
+        other.insert("fuzz", Key::from_bytes([8; 32]));
+        let wrong_key = other.mint(&payloads[0].1).unwrap();
+        let expired = ring.mint(&payloads[2].1).unwrap();
+        let heads = [
+            ("query", format!("GET /?token={wrong_key} HTTP/1.1\r\nHost: relay\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")),
+            ("bearer", format!("GET /sync HTTP/1.1\r\nHost: relay\r\nUpgrade: keep-alive, WebSocket\r\nAuthorization: Bearer {expired}\r\n\r\n")),
+            ("metrics", "GET /metrics?x=1#frag HTTP/1.1\r\nHost: relay\r\n\r\n".to_string()),
+        ];
+        for (name, head) in heads {
+            write(
+                "http_auth",
+                &format!("head-{name}"),
+                &seeds::http_auth(0, head.as_bytes()),
+            );
+        }
+    }
     // converge: any bytes are a schedule; a few lengths from a fixed RNG.
     let mut rng = StdRng::seed_from_u64(42);
     for (i, len) in [48usize, 200, 600, 1200].iter().enumerate() {

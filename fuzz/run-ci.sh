@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 SECONDS_PER_TARGET="${1:-40}"
-TARGETS=(wire_decode sync_message forged_changes store_load converge presence converge_invariants)
+TARGETS=(wire_decode sync_message forged_changes store_load converge presence converge_invariants http_auth)
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked

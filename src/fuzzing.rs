@@ -24,6 +24,10 @@
 //!   decodes as presence re-encodes to the same message, and a presence tracker fed it from
 //!   several senders keeps its bounds (cap, never itself, expiry).
 //!
+//! - [`http_auth`]: the bytes as a request head (the relay's routing and its token), or as a
+//!   token payload sent with a wrong MAC or signed with the ring's key: parsing is total,
+//!   nothing forged verifies, and what verifies is current and mints back to itself.
+//!
 //! Byte layouts are simple (a flag byte, then lengths as two big-endian bytes) so that seed
 //! corpora can be written from real messages and chunks: see [`seeds`].
 
@@ -725,9 +729,77 @@ pub fn store_load(data: &[u8]) {
     }
 }
 
+// ---- http_auth -------------------------------------------------------------------------------
+
+/// "now" for [`http_auth`], in unix seconds.
+pub const AUTH_NOW: u64 = 1_800_000_000;
+
+/// The key ring [`http_auth`] verifies against (its seeds are minted with it).
+pub fn auth_ring() -> crate::auth::Keyring {
+    let mut ring = crate::auth::Keyring::new();
+    ring.insert("fuzz", crate::auth::Key::from_bytes([7; 32]));
+    ring
+}
+
+/// Layout: the first byte picks what the rest is.
+/// - 0: a request head, as the relay reads it before routing; a token in it (query or
+///   `Authorization: Bearer`) is verified and must be refused (it cannot carry our MAC).
+/// - 1: a token payload, sent with a MAC that is not its own (what a forger sends): refused.
+/// - otherwise: a token payload signed with the ring's key (what only the ring's owner can
+///   make): the claims parser past the MAC. What verifies is current, and mints to a token
+///   that verifies to the same claims.
+pub fn http_auth(data: &[u8]) {
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    let ring = auth_ring();
+    let token = |mac: &[u8]| {
+        format!(
+            "{}.{}",
+            bs58::encode(rest).into_string(),
+            bs58::encode(mac).into_string()
+        )
+    };
+    match mode {
+        0 => {
+            if let Ok(head) = crate::relay::http::parse_head(rest) {
+                if let Some(t) = head.token {
+                    assert!(
+                        ring.verify_at(&t, AUTH_NOW).is_err(),
+                        "a token in arbitrary bytes verified: {t}"
+                    );
+                }
+            }
+        }
+        1 => {
+            let forged = token(&[0u8; 32]);
+            assert!(ring.verify_at(&forged, AUTH_NOW).is_err(), "{forged}");
+        }
+        _ => {
+            let key = ring.get("fuzz").expect("the fuzz key");
+            let signed = token(key.mac(rest).as_bytes());
+            if let Ok(claims) = ring.verify_at(&signed, AUTH_NOW) {
+                assert!(claims.exp > AUTH_NOW, "expired claims verified: {claims:?}");
+                assert!(claims.nbf.is_none_or(|nbf| nbf <= AUTH_NOW), "{claims:?}");
+                let again = ring
+                    .mint(&claims)
+                    .unwrap_or_else(|e| panic!("verified claims do not mint ({e}): {claims:?}"));
+                assert_eq!(ring.verify_at(&again, AUTH_NOW), Ok(claims));
+            }
+        }
+    }
+}
+
 /// Building seed corpora from real frames, chunks and editing traces.
 pub mod seeds {
     use super::*;
+
+    /// `http_auth` input: `mode` then the head or payload.
+    pub fn http_auth(mode: u8, rest: &[u8]) -> Vec<u8> {
+        let mut v = vec![mode];
+        v.extend_from_slice(rest);
+        v
+    }
 
     /// `sync_message` input: flags then payload.
     pub fn sync_message(flags: u8, payload: &[u8]) -> Vec<u8> {

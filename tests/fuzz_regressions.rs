@@ -86,3 +86,27 @@ fn presence_regressions_and_seeds() {
 fn converge_invariants_regressions_and_seeds() {
     replay("converge_invariants", fuzzing::converge_invariants, 3);
 }
+
+#[test]
+fn http_auth_regressions_and_seeds() {
+    replay("http_auth", fuzzing::http_auth, 10);
+}
+
+/// The `http_auth` harness is not vacuous: a head carrying a token the ring did sign (which
+/// no fuzz input can forge) trips its check.
+#[test]
+fn http_auth_flags_a_head_whose_token_verifies() {
+    use sheafdb::auth::{Claims, DocScope};
+    let claims = Claims {
+        kid: "fuzz".into(),
+        sub: String::new(),
+        docs: DocScope::All,
+        write: true,
+        exp: fuzzing::AUTH_NOW + 60,
+        nbf: None,
+    };
+    let token = fuzzing::auth_ring().mint(&claims).unwrap();
+    let head = format!("GET /?token={token} HTTP/1.1\r\nHost: relay\r\n\r\n");
+    let input = fuzzing::seeds::http_auth(0, head.as_bytes());
+    assert!(catch_unwind(AssertUnwindSafe(|| fuzzing::http_auth(&input))).is_err());
+}
