@@ -123,6 +123,30 @@ impl PeerDoc {
         self.forward_after = Millis(0);
     }
 
+    /// Runs `f`, Automerge work on this peer's sync state (taking in its message, building
+    /// the next one). A panic in it costs the peer its sync state, not the engine: logged,
+    /// and the sync starts over with the next message (`None`).
+    fn guarded<R>(
+        &mut self,
+        id: DocumentId,
+        what: &str,
+        f: impl FnOnce(&mut SyncState) -> R,
+    ) -> Option<R> {
+        let sync = &mut self.sync;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(sync))) {
+            Ok(r) => Some(r),
+            Err(payload) => {
+                tracing::warn!(
+                    %id,
+                    why = %admit::panic_message(payload.as_ref()),
+                    "{what} panicked; syncing with the peer from scratch"
+                );
+                self.restart_sync();
+                None
+            }
+        }
+    }
+
     fn new(sync: SyncState, storage: Option<StorageId>) -> Self {
         let saved = sync.shared_heads.clone();
         Self {
@@ -797,20 +821,10 @@ impl DocEntry {
             // note and writes the peer's sync state. Should Automerge panic on some field
             // of the message (as it did building a message from a repeated `need`, see
             // `receive`), that costs this peer its sync state, not the engine.
-            let received = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                super::receive::receive_applied(&mut doc, &mut p.sync, msg)
-            }));
-            let result = match received {
-                Ok(result) => result,
-                Err(payload) => {
-                    tracing::warn!(
-                        %id,
-                        why = %admit::panic_message(payload.as_ref()),
-                        "taking in a sync message panicked; syncing with the peer from scratch"
-                    );
-                    p.restart_sync();
-                    continue;
-                }
+            let Some(result) = p.guarded(id, "taking in a sync message", |sync| {
+                super::receive::receive_applied(&mut doc, sync, msg)
+            }) else {
+                continue;
             };
             if let Some(last_sent) = last_sent {
                 p.sync.last_sent_heads = last_sent;
@@ -965,21 +979,10 @@ impl DocEntry {
             // Bloom filter), and some such fields made it panic (see `receive`). Any other
             // that does must cost this peer its sync state, not the engine: it syncs from
             // scratch with the next message.
-            let generated = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                super::basis::generate(&doc, &mut p.sync)
-            }));
-            let msg = match generated {
-                Ok(Some(msg)) => msg,
-                Ok(None) => continue,
-                Err(payload) => {
-                    tracing::warn!(
-                        %id,
-                        why = %admit::panic_message(payload.as_ref()),
-                        "building a sync message panicked; syncing with the peer from scratch"
-                    );
-                    p.restart_sync();
-                    continue;
-                }
+            let Some(Some(msg)) = p.guarded(id, "building a sync message", |sync| {
+                super::basis::generate(&doc, sync)
+            }) else {
+                continue;
             };
             if !msg.changes.is_empty() {
                 p.awaiting_since = Some(now);
