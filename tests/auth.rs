@@ -142,6 +142,14 @@ fn request(me: &str, relay: &PeerId, doc: DocumentId) -> Message {
 }
 
 /// A note on `relay` with some content.
+/// A repo connected to `relay` with a token for `docs` (`write` or read-only).
+fn client(relay: &Relay, docs: DocScope, write: bool) -> Repo {
+    let repo = Repo::temporary(RepoConfig::default()).unwrap();
+    repo.connect_with(&relay.url, ConnectOptions::token(token("new", docs, write)))
+        .unwrap();
+    repo
+}
+
 async fn note(repo: &Repo, text: &str) -> sheafdb::DocHandle {
     let h = repo.create().await.unwrap();
     h.change(|tx| tx.put(ROOT, "title", text)).unwrap();
@@ -220,13 +228,7 @@ async fn bad_tokens_are_refused_with_1008_and_a_reason() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn valid_tokens_sync_and_uncovered_documents_are_unavailable() {
     let relay = start_relay(with_auth()).await;
-    let writer = Repo::temporary(RepoConfig::default()).unwrap();
-    writer
-        .connect_with(
-            &relay.url,
-            ConnectOptions::token(token("new", DocScope::All, true)),
-        )
-        .unwrap();
+    let writer = client(&relay, DocScope::All, true);
     let x = note(&writer, "x").await;
     let y = note(&writer, "y").await;
     // Wait until the relay stores both.
@@ -389,21 +391,9 @@ async fn a_note_the_token_does_not_cover_says_declined_and_is_not_sent_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_only_peers_changes_never_land() {
     let relay = start_relay(with_auth()).await;
-    let writer = Repo::temporary(RepoConfig::default()).unwrap();
-    writer
-        .connect_with(
-            &relay.url,
-            ConnectOptions::token(token("new", DocScope::All, true)),
-        )
-        .unwrap();
+    let writer = client(&relay, DocScope::All, true);
     let w = note(&writer, "original").await;
-    let reader = Repo::temporary(RepoConfig::default()).unwrap();
-    reader
-        .connect_with(
-            &relay.url,
-            ConnectOptions::token(token("new", only(w.id()), false)),
-        )
-        .unwrap();
+    let reader = client(&relay, only(w.id()), false);
     let r = timeout(WAIT, reader.find(w.id())).await.unwrap().unwrap();
     let mut changes = r.changes();
     while r.with_doc(|d| d.get(ROOT, "title").unwrap().is_none()) {
@@ -479,26 +469,14 @@ async fn a_refused_repo_connection_says_why_and_a_refreshed_token_gets_in() {
 async fn a_read_only_peers_own_edits_say_read_only_instead_of_syncing_forever() {
     use sheafdb::NoteStatus::{ReadOnly, Synced};
     let relay = start_relay(with_auth()).await;
-    let writer = Repo::temporary(RepoConfig::default()).unwrap();
-    writer
-        .connect_with(
-            &relay.url,
-            ConnectOptions::token(token("new", DocScope::All, true)),
-        )
-        .unwrap();
+    let writer = client(&relay, DocScope::All, true);
     let w = note(&writer, "original").await;
     let mut ws = w.status();
     timeout(WAIT, ws.wait_for(|s| s == Synced))
         .await
         .expect("the writer's note syncs")
         .unwrap();
-    let reader = Repo::temporary(RepoConfig::default()).unwrap();
-    reader
-        .connect_with(
-            &relay.url,
-            ConnectOptions::token(token("new", only(w.id()), false)),
-        )
-        .unwrap();
+    let reader = client(&relay, only(w.id()), false);
     let r = timeout(WAIT, reader.find(w.id())).await.unwrap().unwrap();
     // Reading alone: the reader has what the relay has.
     let mut rs = r.status();
