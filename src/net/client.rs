@@ -241,7 +241,6 @@ pub fn spawn_reconnecting(
         let mut rng = rand::rngs::StdRng::from_entropy();
         let mut cancel = shutdown.clone();
         let mut attempt: u32 = 0;
-        let mut refused = None;
         while !cancel.is_shutdown() {
             // A hub whose engine is gone would drop every socket we hand it.
             if let Err(why) = hub.health() {
@@ -249,6 +248,8 @@ pub fn spawn_reconnecting(
                 break;
             }
             state_tx.send_replace(ConnectionState::Connecting);
+            // The server's reason, if it closed this attempt's connection on purpose.
+            let mut refused = None;
             match dial(&url, hub.clone(), &config, shutdown.clone()).await {
                 Ok(dialed) => {
                     state_tx.send_replace(ConnectionState::Connected);
@@ -277,7 +278,7 @@ pub fn spawn_reconnecting(
             }
             let retry_in = backoff.delay(attempt, &mut rng);
             attempt = attempt.saturating_add(1);
-            state_tx.send_replace(match refused.take() {
+            state_tx.send_replace(match refused {
                 Some(c) => ConnectionState::Refused {
                     code: c.code,
                     reason: c.reason,
