@@ -68,6 +68,12 @@
 //! The apply above logs its patches into it, so a subscriber does not diff the note (tens
 //! of milliseconds on a long text) to learn what the batch changed.
 //!
+//! # Remote heads
+//!
+//! A peer may subscribe to other peers' storage ids (`remote-subscription-change`) and is
+//! then told the heads those storages hold of the documents it has open
+//! (`remote-heads-changed`): automerge-repo's remote-heads gossip, in the `gossip` module.
+//!
 //! # Invariants
 //!
 //! With a [`crate::schema::Schema`] in [`EngineConfig::schema`], a document whose step
@@ -83,6 +89,7 @@ mod conn;
 mod dedup;
 mod doc;
 mod forward;
+mod gossip;
 mod journal;
 mod lineage;
 mod offload;
@@ -121,6 +128,8 @@ pub struct Engine {
     touched: BTreeSet<DocumentId>,
     ephemeral_seen: Dedup,
     ephemeral_count: u64,
+    /// Remote-heads subscriptions and what is known (see `gossip`).
+    gossip: gossip::Gossip,
     effects: Vec<Effect>,
 }
 
@@ -133,6 +142,7 @@ impl Engine {
             touched: BTreeSet::new(),
             ephemeral_seen: Dedup::new(4096),
             ephemeral_count: 0,
+            gossip: Default::default(),
             effects: Vec::new(),
         }
     }
@@ -304,6 +314,7 @@ impl Engine {
         let Some(c) = self.conns.remove(&conn) else {
             return;
         };
+        self.gossip.conn_closed(conn);
         let peer_id = c.peer_id().cloned();
         if let Some(peer) = peer_id.clone() {
             self.effects
@@ -481,10 +492,17 @@ impl Engine {
                     ..
                 },
             ) => self.ephemeral(conn, sender_id, document_id, session_id, count, data),
-            (ConnPhase::Ready { .. }, Message::RemoteSubscriptionChange { .. })
-            | (ConnPhase::Ready { .. }, Message::RemoteHeadsChanged { .. }) => {
-                // Remote-heads gossip is optional in the protocol; sheaf does not use it yet.
+            (ConnPhase::Ready { .. }, Message::RemoteSubscriptionChange { add, remove, .. }) => {
+                self.remote_subscription_change(conn, add, remove)
             }
+            (
+                ConnPhase::Ready { .. },
+                Message::RemoteHeadsChanged {
+                    document_id,
+                    new_heads,
+                    ..
+                },
+            ) => self.remote_heads_changed(conn, document_id, new_heads),
         }
     }
 
@@ -541,6 +559,7 @@ impl Engine {
             }
             d.add_peer(conn, storage.as_ref(), c.read_only(), c.accepts_unchecked());
             c.docs.insert(id);
+            self.gossip_opened(conn, id);
         }
         true
     }
@@ -872,6 +891,8 @@ impl Engine {
             for c in self.conns.values_mut() {
                 c.docs.remove(&id);
             }
+        } else {
+            self.gossip_heads(now, id);
         }
     }
 }

@@ -1,0 +1,320 @@
+//! Remote-heads gossip: telling a peer which heads another peer's storage holds.
+//!
+//! # Why
+//!
+//! automerge-repo 2.x (with `enableRemoteHeadsGossiping`) lets an app ask "what does my
+//! laptop have of this note?": `repo.subscribeToRemotes([laptopStorageId])`, then
+//! `handle.on("remote-heads", ...)` / `handle.getSyncInfo(storageId)`. The phone is not
+//! connected to the laptop, the relay between them is: the phone sends the relay a
+//! `remote-subscription-change` naming the storage ids it wants to hear about, and the relay
+//! answers with `remote-heads-changed` whenever a peer with one of those storage ids sends it
+//! new heads for a document the phone has open. Without this a JS app's "saved on your other
+//! devices" indicator stays blank behind `sheaf-relay`.
+//!
+//! # What is sent, to whom
+//!
+//! - A connection's subscriptions are the storage ids it added and has not removed; they end
+//!   with the connection.
+//! - When a peer with a storage id (and not ephemeral) names new heads for a document in a
+//!   sync message, those heads are remembered with the wall-clock time (ms) and sent to every
+//!   other connection subscribed to that storage id that has the document open.
+//! - A `remote-heads-changed` from a peer (a hub further along) is taken for storage ids
+//!   somebody here subscribes to, if its timestamp is newer than what we know, and passed on
+//!   the same way (never back to its sender).
+//! - A connection that subscribes, or that opens a document, is sent what is already known
+//!   for its subscriptions and its open documents at once. (The JS hub sends that only for
+//!   storage ids someone subscribed to before; a late subscriber here does not have to wait
+//!   for the next edit.)
+//!
+//! Only documents a connection has open are reported to it, so a token that does not cover a
+//! document learns nothing about it, and gossip about a document a connection may not sync is
+//! not taken from it.
+//!
+//! # Bounds
+//!
+//! Everything here comes from peers, so it is capped: [`MAX_SUBSCRIPTIONS`] storage ids per
+//! connection, [`MAX_HEADS`] heads per report, and [`MAX_KNOWN`] remembered (document,
+//! storage) pairs, the least recently updated forgotten first. It is held in memory only, as
+//! the JS hub holds it: after a restart the next sync from each device fills it again.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use automerge::ChangeHash;
+
+use crate::id::{decode_head, encode_head, DocumentId, StorageId};
+use crate::net::ConnId;
+use crate::protocol::{HeadsAt, Message};
+
+use super::types::Millis;
+use super::Engine;
+
+/// Storage ids one connection may subscribe to; more are ignored.
+pub(crate) const MAX_SUBSCRIPTIONS: usize = 1024;
+/// Heads in one report; a report with more is ignored (a note has a handful).
+pub(crate) const MAX_HEADS: usize = 1024;
+/// (document, storage) pairs remembered.
+pub(crate) const MAX_KNOWN: usize = 65_536;
+
+struct Known {
+    heads: Vec<ChangeHash>,
+    /// When they were seen (ms since the epoch), by us or by the hub that told us.
+    timestamp: f64,
+    /// Position in `Gossip::order`.
+    seq: u64,
+}
+
+/// Subscriptions and remembered heads. See the module docs.
+#[derive(Default)]
+pub(super) struct Gossip {
+    by_conn: HashMap<ConnId, BTreeSet<StorageId>>,
+    by_storage: HashMap<StorageId, BTreeSet<ConnId>>,
+    known: HashMap<(DocumentId, StorageId), Known>,
+    /// Least recently updated first.
+    order: BTreeMap<u64, (DocumentId, StorageId)>,
+    next_seq: u64,
+}
+
+impl Gossip {
+    /// Apply a subscription change from `conn`; returns the storage ids it newly added.
+    fn subscribe(
+        &mut self,
+        conn: ConnId,
+        add: Vec<StorageId>,
+        remove: Vec<StorageId>,
+    ) -> Vec<StorageId> {
+        for s in remove {
+            if let Some(set) = self.by_conn.get_mut(&conn) {
+                set.remove(&s);
+            }
+            if let Some(conns) = self.by_storage.get_mut(&s) {
+                conns.remove(&conn);
+                if conns.is_empty() {
+                    self.by_storage.remove(&s);
+                }
+            }
+        }
+        let mut added = Vec::new();
+        for s in add {
+            let set = self.by_conn.entry(conn).or_default();
+            if set.contains(&s) {
+                continue;
+            }
+            if set.len() >= MAX_SUBSCRIPTIONS {
+                tracing::debug!(?conn, "remote-heads subscriptions over the cap; ignored");
+                break;
+            }
+            set.insert(s.clone());
+            self.by_storage.entry(s.clone()).or_default().insert(conn);
+            added.push(s);
+        }
+        if self.by_conn.get(&conn).is_some_and(|s| s.is_empty()) {
+            self.by_conn.remove(&conn);
+        }
+        added
+    }
+
+    pub(super) fn conn_closed(&mut self, conn: ConnId) {
+        let Some(subs) = self.by_conn.remove(&conn) else {
+            return;
+        };
+        for s in subs {
+            if let Some(conns) = self.by_storage.get_mut(&s) {
+                conns.remove(&conn);
+                if conns.is_empty() {
+                    self.by_storage.remove(&s);
+                }
+            }
+        }
+    }
+
+    fn subscribers(&self, storage: &StorageId) -> Vec<ConnId> {
+        self.by_storage
+            .get(storage)
+            .map(|c| c.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    fn subscriptions(&self, conn: ConnId) -> Vec<StorageId> {
+        self.by_conn
+            .get(&conn)
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Remember `heads` for (doc, storage); false if that says nothing new: the same heads
+    /// again from a sync message (`seen_here`), or a report no newer than what is known.
+    fn record(
+        &mut self,
+        doc: DocumentId,
+        storage: &StorageId,
+        heads: Vec<ChangeHash>,
+        timestamp: f64,
+        seen_here: bool,
+    ) -> bool {
+        let key = (doc, storage.clone());
+        if let Some(k) = self.known.get(&key) {
+            let stale = match seen_here {
+                true => k.heads == heads,
+                false => timestamp <= k.timestamp,
+            };
+            if stale {
+                return false;
+            }
+            self.order.remove(&k.seq);
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.order.insert(seq, key.clone());
+        self.known.insert(
+            key,
+            Known {
+                heads,
+                timestamp,
+                seq,
+            },
+        );
+        while self.known.len() > MAX_KNOWN {
+            let Some((_, oldest)) = self.order.pop_first() else {
+                break;
+            };
+            self.known.remove(&oldest);
+        }
+        true
+    }
+
+    fn known(&self, doc: DocumentId, storage: &StorageId) -> Option<HeadsAt> {
+        self.known.get(&(doc, storage.clone())).map(|k| HeadsAt {
+            heads: k.heads.iter().map(encode_head).collect(),
+            timestamp: k.timestamp,
+        })
+    }
+
+    /// The heads known for (doc, storage) are `heads`.
+    fn unchanged(&self, doc: DocumentId, storage: &StorageId, heads: &[ChangeHash]) -> bool {
+        self.known
+            .get(&(doc, storage.clone()))
+            .is_some_and(|k| k.heads == heads)
+    }
+}
+
+impl Engine {
+    fn wall_ms(&self, now: Millis) -> f64 {
+        (self.config.clock_offset_ms as f64) + now.0 as f64
+    }
+
+    /// Send `conn` what is known of (doc, storage).
+    fn tell(&mut self, conn: ConnId, doc: DocumentId, storage: StorageId, at: HeadsAt) {
+        let Some(target) = self.conns.get(&conn).and_then(|c| c.peer_id()).cloned() else {
+            return;
+        };
+        self.effects.push(super::Effect::Send {
+            conn,
+            msg: Message::RemoteHeadsChanged {
+                sender_id: self.config.peer_id.clone(),
+                target_id: target,
+                document_id: doc,
+                new_heads: BTreeMap::from([(storage, at)]),
+            },
+        });
+    }
+
+    /// Tell every subscriber of `storage` with `doc` open (but `except`) its heads.
+    fn spread(&mut self, doc: DocumentId, storage: &StorageId, except: ConnId) {
+        let Some(at) = self.gossip.known(doc, storage) else {
+            return;
+        };
+        for c in self.gossip.subscribers(storage) {
+            let open = self.conns.get(&c).is_some_and(|c| c.docs.contains(&doc));
+            if c != except && open {
+                self.tell(c, doc, storage.clone(), at.clone());
+            }
+        }
+    }
+
+    /// A `remote-subscription-change` from `conn`.
+    pub(super) fn remote_subscription_change(
+        &mut self,
+        conn: ConnId,
+        add: Vec<StorageId>,
+        remove: Vec<StorageId>,
+    ) {
+        let added = self.gossip.subscribe(conn, add, remove);
+        let docs: Vec<DocumentId> = match self.conns.get(&conn) {
+            Some(c) if !added.is_empty() => c.docs.iter().copied().collect(),
+            _ => return,
+        };
+        for doc in docs {
+            for s in &added {
+                if let Some(at) = self.gossip.known(doc, s) {
+                    self.tell(conn, doc, s.clone(), at);
+                }
+            }
+        }
+    }
+
+    /// `conn` just opened `doc`: what is known of it for the storages it subscribes to.
+    pub(super) fn gossip_opened(&mut self, conn: ConnId, doc: DocumentId) {
+        for s in self.gossip.subscriptions(conn) {
+            if let Some(at) = self.gossip.known(doc, &s) {
+                self.tell(conn, doc, s, at);
+            }
+        }
+    }
+
+    /// A `remote-heads-changed` from `conn` (a hub further along).
+    pub(super) fn remote_heads_changed(
+        &mut self,
+        conn: ConnId,
+        doc: DocumentId,
+        new_heads: BTreeMap<StorageId, HeadsAt>,
+    ) {
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
+        if c.denied(&doc).is_some() {
+            return;
+        }
+        for (storage, at) in new_heads {
+            let wanted = !self.gossip.subscribers(&storage).is_empty();
+            let ours = self.config.storage_id.as_ref() == Some(&storage);
+            if !wanted || ours || at.heads.len() > MAX_HEADS || !at.timestamp.is_finite() {
+                continue;
+            }
+            let Ok(heads) = at.heads.iter().map(|h| decode_head(h)).collect() else {
+                tracing::debug!(?conn, %doc, "remote heads that are not change hashes; ignored");
+                continue;
+            };
+            if self
+                .gossip
+                .record(doc, &storage, heads, at.timestamp, false)
+            {
+                self.spread(doc, &storage, conn);
+            }
+        }
+    }
+
+    /// After `doc` stepped: the heads its peers with a storage id named, if they moved.
+    pub(super) fn gossip_heads(&mut self, now: Millis, doc: DocumentId) {
+        let Some(d) = self.docs.get(&doc) else {
+            return;
+        };
+        let mut moved = Vec::new();
+        for (conn, p) in &d.peers {
+            let Some(heads) = p.sync.their_heads.as_ref() else {
+                continue;
+            };
+            let Some(storage) = self.conns.get(conn).and_then(|c| c.storage_id()) else {
+                continue;
+            };
+            if heads.len() <= MAX_HEADS && !self.gossip.unchanged(doc, storage, heads) {
+                moved.push((*conn, storage.clone(), heads.clone()));
+            }
+        }
+        let at = self.wall_ms(now);
+        for (conn, storage, heads) in moved {
+            if self.gossip.record(doc, &storage, heads, at, true) {
+                self.spread(doc, &storage, conn);
+            }
+        }
+    }
+}
