@@ -407,3 +407,87 @@ async fn a_js_client_told_unavailable_gets_the_note_once_its_owner_comes_online(
     js.finish().await;
     relay.terminate().await;
 }
+
+/// Ask `js` for its handle's sync info about `storage` until it names `heads`, within `WAIT`
+/// (a report may arrive before the handle is returned to the script, so not as an event).
+async fn wait_sync_info(js: &mut JsProc, url: &str, storage: &str, heads: &Value) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let info = js
+            .call(json!({"cmd": "syncInfo", "url": url, "storageId": storage}))
+            .await;
+        if info["heads"] == *heads {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{storage}'s heads never reached {url}'s sync info: {info} instead of {heads}"
+        );
+        sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// JS apps with `enableRemoteHeadsGossiping` (automerge-repo's "what does my other device
+/// have?") through sheaf-relay: a phone subscribed to a laptop's storage id hears the
+/// laptop's heads for the note it has open, as they move, and a sheaf client's too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn js_remote_heads_gossip_reaches_a_subscriber_through_sheaf_relay() {
+    common::js_dir(); // fails first, with what to run, if node or node_modules is missing
+    let data = tempfile::tempdir().unwrap();
+    let relay = RelayProc::start(data.path(), 0, &[]).await;
+    let url = relay.url();
+    let gossip = [("SHEAF_JS_GOSSIP", "1")];
+    let mut laptop = JsProc::spawn_env("client.mjs", &[&url, "js-laptop", "60000"], &gossip).await;
+    let mut phone = JsProc::spawn_env("client.mjs", &[&url, "js-phone", "60000"], &gossip).await;
+    laptop.expect(WAIT, |v| v["event"] == "ready").await;
+    phone.expect(WAIT, |v| v["event"] == "ready").await;
+
+    let laptop_storage = laptop.call(json!({"cmd": "storageId"})).await["storageId"].clone();
+    let laptop_storage = laptop_storage
+        .as_str()
+        .expect("the laptop has a storage id")
+        .to_string();
+    let created = laptop
+        .call(json!({"cmd": "create", "init": {"n": 1}}))
+        .await;
+    let doc_url = created["url"].as_str().unwrap().to_string();
+    let heads = laptop.call(json!({"cmd": "doc", "url": doc_url})).await["heads"].clone();
+
+    phone
+        .call(json!({"cmd": "subscribeRemotes", "storageIds": [laptop_storage]}))
+        .await;
+    phone.call(json!({"cmd": "find", "url": doc_url})).await;
+    wait_sync_info(&mut phone, &doc_url, &laptop_storage, &heads).await;
+
+    // The laptop edits: the phone's handle hears its new heads (a `remote-heads` event).
+    laptop
+        .call(json!({"cmd": "put", "url": doc_url, "key": "n", "value": 2}))
+        .await;
+    let heads = laptop.call(json!({"cmd": "doc", "url": doc_url})).await["heads"].clone();
+    phone
+        .expect(WAIT, |v| {
+            v["event"] == "remote-heads"
+                && v["url"] == doc_url.as_str()
+                && v["storageId"] == laptop_storage.as_str()
+                && v["heads"] == heads
+        })
+        .await;
+
+    // A sheaf client (a storage of its own) edits the note: a phone subscribed to it hears.
+    let sheaf = peer_repo();
+    sheaf.connect(&url).unwrap();
+    let id: sheafdb::AutomergeUrl = doc_url.parse().unwrap();
+    let h = timeout(WAIT, sheaf.find(id)).await.unwrap().unwrap();
+    h.change(|tx| tx.put(ROOT, "n", 3_i64)).unwrap();
+    wait_synced(&h).await;
+    let sheaf_storage = sheaf.storage_id().as_str().to_string();
+    phone
+        .call(json!({"cmd": "subscribeRemotes", "storageIds": [sheaf_storage]}))
+        .await;
+    let sheaf_heads: Vec<String> = h.heads().iter().map(sheafdb::id::encode_head).collect();
+    wait_sync_info(&mut phone, &doc_url, &sheaf_storage, &json!(sheaf_heads)).await;
+
+    laptop.finish().await;
+    phone.finish().await;
+    relay.terminate().await;
+}

@@ -568,10 +568,16 @@ pub struct JsProc {
 
 impl JsProc {
     pub async fn spawn(script: &str, args: &[&str]) -> JsProc {
+        Self::spawn_env(script, args, &[]).await
+    }
+
+    /// [`JsProc::spawn`] with extra environment variables.
+    pub async fn spawn_env(script: &str, args: &[&str], env: &[(&str, &str)]) -> JsProc {
         let dir = js_dir();
         let mut child = Command::new("node")
             .arg(script)
             .args(args)
+            .envs(env.iter().copied())
             .current_dir(&dir)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -23,8 +23,15 @@
 //   {"cmd":"cursorPosition","url":U,"key":K,"cursor":C} -> {"index"}
 //   Text indices here are JS string indices: UTF-16 code units.
 //   {"cmd":"quit"}
+//   {"cmd":"storageId"}                     -> {"storageId"} (gossip mode only, see below)
+//   {"cmd":"subscribeRemotes","storageIds":[S]} -> {}   (repo.subscribeToRemotes)
+//   {"cmd":"syncInfo","url":U,"storageId":S} -> {"heads"} (handle.getSyncInfo: null if none)
 // Events: {"event":"ephemeral","url","senderId","message"} for every handle we hold;
-//         {"event":"peer","state":"connected"|"disconnected","peerId"}.
+//         {"event":"peer","state":"connected"|"disconnected","peerId"};
+//         {"event":"remote-heads","url","storageId","heads","timestamp"} (gossip mode).
+//
+// With SHEAF_JS_GOSSIP=1 in the environment the repo has an in-memory storage (so it has a
+// storage id, as a browser app with IndexedDB does) and `enableRemoteHeadsGossiping`.
 
 import { out, serveCommands } from "./serve-commands.mjs"
 import { Repo } from "@automerge/automerge-repo"
@@ -44,8 +51,36 @@ setTimeout(() => {
 const json = doc => JSON.parse(JSON.stringify(doc))
 const sleep = ms => new Promise(r => setTimeout(r, ms))
 
+// Enough of a storage adapter for a repo to have a storage id (keys are string arrays).
+class MemoryStorage {
+  #data = new Map()
+  async load(key) {
+    return this.#data.get(key.join("/"))
+  }
+  async save(key, data) {
+    this.#data.set(key.join("/"), data)
+  }
+  async remove(key) {
+    this.#data.delete(key.join("/"))
+  }
+  async loadRange(prefix) {
+    const p = prefix.join("/")
+    return [...this.#data]
+      .filter(([k]) => k === p || k.startsWith(p + "/"))
+      .map(([k, data]) => ({ key: k.split("/"), data }))
+  }
+  async removeRange(prefix) {
+    for (const { key } of await this.loadRange(prefix)) this.#data.delete(key.join("/"))
+  }
+}
+
+const gossip = process.env.SHEAF_JS_GOSSIP === "1"
 const adapter = new WebSocketClientAdapter(url, 200)
-const repo = new Repo({ network: [adapter], peerId })
+const repo = new Repo({
+  network: [adapter],
+  peerId,
+  ...(gossip ? { storage: new MemoryStorage(), enableRemoteHeadsGossiping: true } : {}),
+})
 repo.networkSubsystem.on("peer", ({ peerId }) => out({ event: "peer", state: "connected", peerId }))
 repo.networkSubsystem.on("peer-disconnected", ({ peerId }) =>
   out({ event: "peer", state: "disconnected", peerId })
@@ -57,6 +92,9 @@ function track(handle) {
   handles.set(handle.url, handle)
   handle.on("ephemeral-message", ({ senderId, message }) =>
     out({ event: "ephemeral", url: handle.url, senderId, message })
+  )
+  handle.on("remote-heads", ({ storageId, heads, timestamp }) =>
+    out({ event: "remote-heads", url: handle.url, storageId, heads, timestamp })
   )
   return handle
 }
@@ -125,6 +163,17 @@ const commands = {
     const h = await get(u)
     h.broadcast(message)
     return {}
+  },
+  async storageId() {
+    return { storageId: await repo.storageId() }
+  },
+  async subscribeRemotes({ storageIds }) {
+    repo.subscribeToRemotes(storageIds)
+    return {}
+  },
+  async syncInfo({ url: u, storageId }) {
+    const h = await get(u)
+    return { heads: h.getSyncInfo(storageId)?.lastHeads ?? null }
   },
   async quit() {
     // No repo.shutdown(): in 2.5.6 it can throw from a socket still connecting.
