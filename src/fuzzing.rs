@@ -10,8 +10,9 @@
 //! - [`converge_invariants`]: the same, with every peer enforcing [`fuzz_schema`] (the random
 //!   edits break it all the time); every replica must also keep the invariants, and every
 //!   repair must have succeeded.
-//! - [`wire_decode`]: [`protocol::decode`] never panics, and what decodes re-encodes to bytes
-//!   that decode to the same message.
+//! - [`wire_decode`]: [`protocol::decode`] never panics, what decodes re-encodes to bytes
+//!   that decode to the same message, and a relay engine takes it from a peer (with another
+//!   peer subscribed to the storages it names) without panicking.
 //! - [`sync_message`]: bytes as an incoming `sync`/`request` for a document the engine holds,
 //!   on a ready connection: a typed error and a close, or a merge; never a panic; what the
 //!   engine persisted reloads to the engine's heads and passes the store's verification.
@@ -169,6 +170,85 @@ pub fn wire_decode(data: &[u8]) {
         bytes,
         "encoding is not stable for {msg:?}"
     );
+    relay_takes(msg);
+}
+
+/// A relay engine takes `msg` from a joined peer, while a second peer subscribes to every
+/// storage id it names and holds its document open (so that gossip is passed on), without
+/// panicking, and goes quiet.
+fn relay_takes(msg: Message) {
+    let mut engine = Engine::new(EngineConfig::relay(
+        PeerId::new("fuzz-relay"),
+        Some(StorageId::new("fuzz-relay-storage")),
+    ));
+    let mut inputs = Vec::new();
+    for n in 1..=2u64 {
+        inputs.push(Input::ConnOpened {
+            conn: ConnId(n),
+            direction: Direction::Incoming,
+            access: None,
+        });
+        inputs.push(Input::Received {
+            conn: ConnId(n),
+            msg: Message::Join {
+                sender_id: PeerId::new(format!("fuzz-peer-{n}")),
+                peer_metadata: PeerMetadata {
+                    storage_id: Some(StorageId::new(format!("fuzz-peer-{n}-storage"))),
+                    is_ephemeral: false,
+                    accepts_unchecked: false,
+                },
+                supported_protocol_versions: vec![PROTOCOL_VERSION.to_string()],
+            },
+        });
+    }
+    let mut watch = vec![StorageId::new("fuzz-peer-1-storage")];
+    match &msg {
+        Message::RemoteHeadsChanged { new_heads, .. } => watch.extend(new_heads.keys().cloned()),
+        Message::RemoteSubscriptionChange { add, .. } => watch.extend(add.iter().cloned()),
+        _ => {}
+    }
+    let watcher = |msg| Input::Received {
+        conn: ConnId(2),
+        msg,
+    };
+    inputs.push(watcher(Message::RemoteSubscriptionChange {
+        sender_id: PeerId::new("fuzz-peer-2"),
+        target_id: PeerId::new("fuzz-relay"),
+        add: watch,
+        remove: Vec::new(),
+    }));
+    if let Some(doc) = msg.document_id() {
+        let mut state = automerge::sync::State::new();
+        let empty = automerge::sync::SyncDoc::generate_sync_message(&Automerge::new(), &mut state);
+        inputs.push(watcher(Message::Request {
+            sender_id: PeerId::new("fuzz-peer-2"),
+            target_id: PeerId::new("fuzz-relay"),
+            document_id: doc,
+            data: empty.map(|m| m.encode()).unwrap_or_default(),
+        }));
+    }
+    inputs.push(Input::Received {
+        conn: ConnId(1),
+        msg,
+    });
+    let mut now = Millis(0);
+    for _ in 0..1_000 {
+        if inputs.is_empty() {
+            return;
+        }
+        now = now.plus(1);
+        for e in engine.handle_batch(now, std::mem::take(&mut inputs)) {
+            match e {
+                Effect::Load { doc } => inputs.push(Input::Loaded { doc, loaded: None }),
+                Effect::Persist { doc, seq, .. } => {
+                    inputs.push(Input::Persisted { doc, seq, ok: true })
+                }
+                Effect::Apply(job) => inputs.push(job.run()),
+                _ => {}
+            }
+        }
+    }
+    panic!("the relay did not go quiet within 1000 rounds");
 }
 
 // ---- sync_message ----------------------------------------------------------------------------
