@@ -53,5 +53,6 @@ pub use error::Error;
 pub use id::{AutomergeUrl, DocumentId, PeerId, StorageId};
 pub use net::client::ConnectionState;
 pub use repo::{
-    ConnectOptions, DocHandle, EngineStop, NoteStatus, NoteStatusWatch, Repo, RepoConfig, RepoError,
+    ConnectOptions, DocHandle, EngineStop, NoteStatus, NoteStatusWatch, RemoteHeads, Repo,
+    RepoConfig, RepoError,
 };

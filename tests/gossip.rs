@@ -342,3 +342,92 @@ fn reports_from_another_hub_are_passed_on_when_newer_and_never_back() {
     relay.receive(A, report(&desk.get_heads(), 6_000.0, "desk-storage"));
     assert_eq!(relay.reports(B, mark).len(), 1);
 }
+
+// ---- through Repos and a relay ----------------------------------------------------------
+
+/// Wait until `h`'s remote heads for `storage` are `heads` (bounded).
+async fn wait_remote(h: &sheafdb::DocHandle, storage: &StorageId, heads: &[ChangeHash]) {
+    let mut w = h.remote_heads();
+    let reached = tokio::time::timeout(common::WAIT, async {
+        loop {
+            if w.borrow_and_update()
+                .get(storage)
+                .map(|r| r.heads.as_slice())
+                == Some(heads)
+            {
+                return;
+            }
+            w.changed().await.expect("the repo is open");
+        }
+    })
+    .await;
+    assert!(
+        reached.is_ok(),
+        "{storage:?}'s heads never reached the handle: {:?} instead of {heads:?}",
+        h.remote_heads().borrow().get(storage)
+    );
+}
+
+fn client() -> sheafdb::Repo {
+    sheafdb::Repo::temporary(sheafdb::RepoConfig {
+        find_timeout: common::WAIT,
+        ..sheafdb::RepoConfig::default()
+    })
+    .unwrap()
+}
+
+/// Two sheaf repos that never meet, on one relay: the phone subscribes to the laptop's
+/// storage and its handle shows what the laptop holds of the note, as the laptop edits; the
+/// relay's own heads are heard the same way; an unsubscribed storage is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repo_hears_what_another_device_holds_through_a_relay() {
+    let (url, relay, _stop) = common::in_process_relay().await;
+    let laptop = client();
+    let phone = client();
+    laptop.connect(&url).unwrap();
+    phone.connect(&url).unwrap();
+    phone
+        .subscribe_remote_heads([laptop.storage_id().clone(), relay.storage_id().clone()])
+        .unwrap();
+
+    let note = laptop.create().await.unwrap();
+    note.change(|tx| tx.put(ROOT, "n", 1_i64)).unwrap();
+    let seen = tokio::time::timeout(common::WAIT, phone.find(note.id()))
+        .await
+        .unwrap()
+        .unwrap();
+    wait_remote(&seen, laptop.storage_id(), &note.heads()).await;
+
+    for n in 2..5_i64 {
+        note.change(|tx| tx.put(ROOT, "n", n)).unwrap();
+        wait_remote(&seen, laptop.storage_id(), &note.heads()).await;
+    }
+    // The relay's own storage (a direct peer of the phone) has the laptop's last edit too.
+    wait_remote(&seen, relay.storage_id(), &note.heads()).await;
+
+    // Unsubscribed: the laptop's next edits are not heard (the relay's still are).
+    phone
+        .unsubscribe_remote_heads([laptop.storage_id().clone()])
+        .unwrap();
+    let before = seen
+        .remote_heads()
+        .borrow()
+        .get(laptop.storage_id())
+        .cloned();
+    note.change(|tx| tx.put(ROOT, "n", 9_i64)).unwrap();
+    wait_remote(&seen, relay.storage_id(), &note.heads()).await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(
+        seen.remote_heads()
+            .borrow()
+            .get(laptop.storage_id())
+            .cloned(),
+        before
+    );
+    let at = before.expect("heard before").at;
+    let age = std::time::SystemTime::now().duration_since(at).unwrap();
+    assert!(
+        age < std::time::Duration::from_secs(60),
+        "a wall-clock time: {at:?}"
+    );
+}

@@ -26,6 +26,11 @@
 //!   storage ids someone subscribed to before; a late subscriber here does not have to wait
 //!   for the next edit.)
 //!
+//! - The engine's own app may subscribe too ([`super::Input::SubscribeRemoteHeads`]): every
+//!   peer is sent the subscription (now, and when it connects), and what is learnt of those
+//!   storages, from their sync messages or from peers' reports, comes out as
+//!   [`super::Event::RemoteHeads`].
+//!
 //! Only documents a connection has open are reported to it, so a token that does not cover a
 //! document learns nothing about it, and gossip about a document a connection may not sync is
 //! not taken from it.
@@ -66,6 +71,8 @@ struct Known {
 /// Subscriptions and remembered heads. See the module docs.
 #[derive(Default)]
 pub(super) struct Gossip {
+    /// Storage ids this engine's app subscribes to.
+    ours: BTreeSet<StorageId>,
     by_conn: HashMap<ConnId, BTreeSet<StorageId>>,
     by_storage: HashMap<StorageId, BTreeSet<ConnId>>,
     known: HashMap<(DocumentId, StorageId), Known>,
@@ -189,6 +196,15 @@ impl Gossip {
         })
     }
 
+    /// Every (doc, heads) known for `storage`.
+    fn known_for(&self, storage: &StorageId) -> Vec<(DocumentId, Vec<ChangeHash>, f64)> {
+        self.known
+            .iter()
+            .filter(|((_, s), _)| s == storage)
+            .map(|((d, _), k)| (*d, k.heads.clone(), k.timestamp))
+            .collect()
+    }
+
     /// The heads known for (doc, storage) are `heads`.
     fn unchanged(&self, doc: DocumentId, storage: &StorageId, heads: &[ChangeHash]) -> bool {
         self.known
@@ -218,16 +234,88 @@ impl Engine {
         });
     }
 
-    /// Tell every subscriber of `storage` with `doc` open (but `except`) its heads.
+    /// Tell every subscriber of `storage` with `doc` open (but `except`) its heads, and our
+    /// app if it subscribes.
     fn spread(&mut self, doc: DocumentId, storage: &StorageId, except: ConnId) {
         let Some(at) = self.gossip.known(doc, storage) else {
             return;
         };
+        if self.gossip.ours.contains(storage) {
+            self.report(doc, storage.clone());
+        }
         for c in self.gossip.subscribers(storage) {
             let open = self.conns.get(&c).is_some_and(|c| c.docs.contains(&doc));
             if c != except && open {
                 self.tell(c, doc, storage.clone(), at.clone());
             }
+        }
+    }
+
+    /// Tell our app what is known of (doc, storage).
+    fn report(&mut self, doc: DocumentId, storage: StorageId) {
+        if let Some(k) = self.gossip.known.get(&(doc, storage.clone())) {
+            let event = super::Event::RemoteHeads {
+                doc,
+                storage,
+                heads: k.heads.clone(),
+                timestamp: k.timestamp,
+            };
+            self.effects.push(super::Effect::Event(event));
+        }
+    }
+
+    /// Our app's subscription changed: tell every peer, and report what is known already.
+    pub(super) fn subscribe_remote_heads(&mut self, add: Vec<StorageId>, remove: Vec<StorageId>) {
+        let remove: Vec<StorageId> = remove
+            .into_iter()
+            .filter(|s| self.gossip.ours.remove(s))
+            .collect();
+        let add: Vec<StorageId> = add
+            .into_iter()
+            .filter(|s| {
+                self.gossip.ours.len() < MAX_SUBSCRIPTIONS && self.gossip.ours.insert(s.clone())
+            })
+            .collect();
+        if add.is_empty() && remove.is_empty() {
+            return;
+        }
+        let ready: Vec<ConnId> = self.ready_conns();
+        for conn in ready {
+            self.send_subscription(conn, add.clone(), remove.clone());
+        }
+        for s in add {
+            for (doc, heads, timestamp) in self.gossip.known_for(&s) {
+                let event = super::Event::RemoteHeads {
+                    doc,
+                    storage: s.clone(),
+                    heads,
+                    timestamp,
+                };
+                self.effects.push(super::Effect::Event(event));
+            }
+        }
+    }
+
+    fn send_subscription(&mut self, conn: ConnId, add: Vec<StorageId>, remove: Vec<StorageId>) {
+        let Some(target) = self.conns.get(&conn).and_then(|c| c.peer_id()).cloned() else {
+            return;
+        };
+        self.effects.push(super::Effect::Send {
+            conn,
+            msg: Message::RemoteSubscriptionChange {
+                sender_id: self.config.peer_id.clone(),
+                target_id: target,
+                add,
+                remove,
+            },
+        });
+    }
+
+    /// A peer completed the handshake: it learns what our app subscribes to.
+    pub(super) fn gossip_peer_ready(&mut self, conn: ConnId) {
+        if !self.gossip.ours.is_empty() {
+            let ours = self.gossip.ours.iter().cloned().collect();
+            self.send_subscription(conn, ours, Vec::new());
         }
     }
 
@@ -275,7 +363,8 @@ impl Engine {
             return;
         }
         for (storage, at) in new_heads {
-            let wanted = !self.gossip.subscribers(&storage).is_empty();
+            let wanted = self.gossip.ours.contains(&storage)
+                || !self.gossip.subscribers(&storage).is_empty();
             let ours = self.config.storage_id.as_ref() == Some(&storage);
             if !wanted || ours || at.heads.len() > MAX_HEADS || !at.timestamp.is_finite() {
                 continue;

@@ -271,6 +271,7 @@ impl Engine {
                     }
                 }
             }
+            Input::SubscribeRemoteHeads { add, remove } => self.subscribe_remote_heads(add, remove),
             Input::Tick => {
                 let due: Vec<DocumentId> = self
                     .docs
@@ -518,6 +519,7 @@ impl Engine {
             peer,
             metadata: meta,
         }));
+        self.gossip_peer_ready(conn);
         // Ask the new peer for documents we are looking for; announce ours if we share.
         let ids: Vec<DocumentId> = self.docs.keys().copied().collect();
         for id in ids {

@@ -277,6 +277,12 @@ pub enum Input {
         doc: DocumentId,
         outcome: Box<super::offload::Applied>,
     },
+    /// Hear the heads these storages hold of our documents ([`Event::RemoteHeads`]): the
+    /// subscription is sent to every peer (automerge-repo's remote-heads gossip).
+    SubscribeRemoteHeads {
+        add: Vec<StorageId>,
+        remove: Vec<StorageId>,
+    },
     /// Time passed; do what is due (see [`super::Engine::next_deadline`]).
     Tick,
 }
@@ -352,6 +358,15 @@ pub enum Event {
         doc: DocumentId,
         sender: PeerId,
         data: Vec<u8>,
+    },
+    /// A storage we subscribe to ([`Input::SubscribeRemoteHeads`]) holds `heads` of `doc`,
+    /// as of `timestamp` (ms since the epoch): seen in its own sync messages, or reported
+    /// by a peer.
+    RemoteHeads {
+        doc: DocumentId,
+        storage: StorageId,
+        heads: Vec<ChangeHash>,
+        timestamp: f64,
     },
     /// The peer sent something we refused, and its connection is closed for it.
     PeerError {

@@ -622,6 +622,22 @@ impl Driver {
                     }
                 });
             }
+            Event::RemoteHeads {
+                doc,
+                storage,
+                heads,
+                timestamp,
+            } => {
+                let ms = if timestamp.is_finite() && timestamp > 0.0 {
+                    timestamp as u64
+                } else {
+                    0
+                };
+                let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+                inner.channels(&doc).remote.send_modify(|m| {
+                    m.insert(storage, super::RemoteHeads { heads, at });
+                });
+            }
             Event::Ephemeral { doc, sender, data } => {
                 if let Some(ch) = inner.channels.lock().get(&doc) {
                     let _ = ch.ephemeral.send((sender, data));

@@ -9,7 +9,7 @@ use automerge::{Automerge, AutomergeError, ChangeHash, ObjId, ObjType, Patch, Re
 use tokio::sync::{broadcast, oneshot, watch};
 
 use crate::engine::{Input, PeerSyncStatus, SharedDoc};
-use crate::id::{AutomergeUrl, DocumentId, PeerId};
+use crate::id::{AutomergeUrl, DocumentId, PeerId, StorageId};
 
 use super::driver::Cmd;
 use super::text::{TextError, TextIndex, TextPatch};
@@ -274,6 +274,12 @@ impl DocHandle {
             moved
         });
         self.channels.heads.subscribe()
+    }
+
+    /// The heads the storages this repo subscribes to hold of this note, as last heard (see
+    /// [`super::Repo::subscribe_remote_heads`]): "saved on your laptop" for an editor.
+    pub fn remote_heads(&self) -> watch::Receiver<HashMap<StorageId, super::RemoteHeads>> {
+        self.channels.remote.subscribe()
     }
 
     /// Send an ephemeral payload (CBOR bytes: presence, cursors) to the note's peers.

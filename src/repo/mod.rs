@@ -99,6 +99,8 @@ pub(crate) struct DocChannels {
     pub heads: watch::Sender<Vec<automerge::ChangeHash>>,
     pub save: watch::Sender<SaveState>,
     pub sync: watch::Sender<HashMap<PeerId, crate::engine::PeerSyncStatus>>,
+    /// What the storages the repo subscribes to hold of this note.
+    pub remote: watch::Sender<HashMap<StorageId, RemoteHeads>>,
     pub ephemeral: tokio::sync::broadcast::Sender<(PeerId, Vec<u8>)>,
     /// A `LocalChange` for this document is queued for the driver: later edits need not
     /// send another (the driver persists up to the heads it finds), which spares a wake-up
@@ -112,10 +114,20 @@ impl DocChannels {
             heads: watch::channel(Vec::new()).0,
             save: watch::channel(SaveState::Saved).0,
             sync: watch::channel(HashMap::new()).0,
+            remote: watch::channel(HashMap::new()).0,
             ephemeral: tokio::sync::broadcast::channel(256).0,
             local_pending: std::sync::atomic::AtomicBool::new(false),
         }
     }
+}
+
+/// The heads another device's storage holds of a note, and when they were seen there (see
+/// [`Repo::subscribe_remote_heads`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RemoteHeads {
+    pub heads: Vec<automerge::ChangeHash>,
+    /// When that storage's peer sent them (to us or to the peer that reported them).
+    pub at: std::time::SystemTime,
 }
 
 /// Counters of the runtime (for `/metrics`).
@@ -385,6 +397,34 @@ impl Repo {
             .write_durable(vec![WriteOp::DeleteDoc { doc: id }])
             .await?;
         Ok(())
+    }
+
+    /// Hear which heads other devices hold of this repo's notes: for each storage id given
+    /// (another repo's [`Repo::storage_id`], a JS repo's `storageId()`), the heads it holds of
+    /// every note open here, as its device syncs them with a peer of ours, directly or
+    /// through a relay (automerge-repo's remote-heads gossip; `sheaf-relay` and JS sync
+    /// servers with `enableRemoteHeadsGossiping` pass them on). Read them from
+    /// [`DocHandle::remote_heads`]. The subscription is sent to every peer, now and when it
+    /// connects.
+    pub fn subscribe_remote_heads(
+        &self,
+        storages: impl IntoIterator<Item = StorageId>,
+    ) -> Result<(), RepoError> {
+        self.inner.send(Cmd::Input(Input::SubscribeRemoteHeads {
+            add: storages.into_iter().collect(),
+            remove: Vec::new(),
+        }))
+    }
+
+    /// Stop hearing about these storages (see [`Repo::subscribe_remote_heads`]).
+    pub fn unsubscribe_remote_heads(
+        &self,
+        storages: impl IntoIterator<Item = StorageId>,
+    ) -> Result<(), RepoError> {
+        self.inner.send(Cmd::Input(Input::SubscribeRemoteHeads {
+            add: Vec::new(),
+            remove: storages.into_iter().collect(),
+        }))
     }
 
     /// Wait until every change made so far is durable on disk.
