@@ -491,3 +491,78 @@ async fn js_remote_heads_gossip_reaches_a_subscriber_through_sheaf_relay() {
     phone.finish().await;
     relay.terminate().await;
 }
+
+/// The sheaf side of remote-heads gossip against the JS reference server (gossip on): a
+/// sheaf repo subscribed to a JS laptop's storage id hears the laptop's heads of a note it
+/// has open, as the laptop edits, through a hub that is not sheaf.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sheaf_repo_hears_a_js_devices_heads_through_the_js_sync_server() {
+    common::js_dir(); // fails first, with what to run, if node or node_modules is missing
+    let gossip = [("SHEAF_JS_GOSSIP", "1")];
+    let mut server = JsProc::spawn_env("sync-server.mjs", &["60000"], &gossip).await;
+    let listening = server.expect(WAIT, |v| v["event"] == "listening").await;
+    let url = listening["url"].as_str().unwrap().to_string();
+    let mut laptop = JsProc::spawn_env("client.mjs", &[&url, "js-laptop", "60000"], &gossip).await;
+    laptop.expect(WAIT, |v| v["event"] == "ready").await;
+    let laptop_storage = laptop.call(json!({"cmd": "storageId"})).await["storageId"]
+        .as_str()
+        .expect("the laptop has a storage id")
+        .to_string();
+    let laptop_storage = sheafdb::StorageId::new(laptop_storage);
+
+    let phone = peer_repo();
+    phone
+        .subscribe_remote_heads([laptop_storage.clone()])
+        .unwrap();
+    phone.connect(&url).unwrap();
+
+    let created = laptop
+        .call(json!({"cmd": "create", "init": {"n": 1}}))
+        .await;
+    let doc_url = created["url"].as_str().unwrap().to_string();
+    // The JS server asks nobody for a note it lacks: find it once the server has it.
+    let deadline = Instant::now() + WAIT;
+    while server
+        .try_call(&mut json!({"cmd": "find", "url": doc_url, "timeoutMs": 500}))
+        .await["ok"]
+        != true
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the JS server never got the note"
+        );
+        sleep(Duration::from_millis(100)).await;
+    }
+    let id: sheafdb::AutomergeUrl = doc_url.parse().unwrap();
+    let h = timeout(WAIT, phone.find(id)).await.unwrap().unwrap();
+
+    for n in 2..4 {
+        laptop
+            .call(json!({"cmd": "put", "url": doc_url, "key": "n", "value": n}))
+            .await;
+        let hex = laptop.call(json!({"cmd": "doc", "url": doc_url})).await["hexHeads"].clone();
+        let want: Vec<String> = serde_json::from_value(hex).unwrap();
+        let mut w = h.remote_heads();
+        let heard = timeout(WAIT, async {
+            loop {
+                let got: Option<Vec<String>> = w
+                    .borrow_and_update()
+                    .get(&laptop_storage)
+                    .map(|r| r.heads.iter().map(|h| h.to_string()).collect());
+                if got.as_ref() == Some(&want) {
+                    return;
+                }
+                w.changed().await.unwrap();
+            }
+        })
+        .await;
+        assert!(
+            heard.is_ok(),
+            "the laptop's heads {want:?} never reached the sheaf handle: {:?}",
+            h.remote_heads().borrow().get(&laptop_storage)
+        );
+    }
+
+    laptop.finish().await;
+    server.finish().await;
+}

@@ -2,7 +2,7 @@
 // interop tests (tests/js_interop.rs): in-memory storage, announces nothing, like
 // automerge-repo-sync-server.
 //
-// Usage: node sync-server.mjs [timeoutMs]
+// Usage: node sync-server.mjs [timeoutMs]   (SHEAF_JS_GOSSIP=1: with remote-heads gossip)
 // Prints {"event":"listening","url":"ws://127.0.0.1:PORT"} once it accepts connections, then
 // answers JSON commands on stdin like client.mjs:
 //   {"cmd":"find","url":U,"timeoutMs":N} -> {"url","doc"}  (the server's own copy)
@@ -50,6 +50,8 @@ const repo = new Repo({
   storage: new MemoryStorage(),
   peerId: "js-sync-server",
   sharePolicy: async () => false,
+  // SHEAF_JS_GOSSIP=1: pass remote heads on, as a server for apps that use them would.
+  enableRemoteHeadsGossiping: process.env.SHEAF_JS_GOSSIP === "1",
 })
 
 serveCommands(
