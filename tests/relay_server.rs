@@ -634,3 +634,48 @@ async fn reconnecting_driver_backs_off_while_the_server_is_down() {
     drop(stop);
     timeout(WAIT, driver).await.unwrap().unwrap();
 }
+
+/// Two repos sharing a peer id (a copied config, a restored backup) take turns replacing
+/// each other at the relay. The one replaced is told so in a protocol `error` before the
+/// close, and its connection state says why instead of a plain "offline".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repo_replaced_by_a_twin_with_its_peer_id_is_told_why() {
+    let (url, _relay, _stop) = common::in_process_relay().await;
+    let twin = || {
+        sheafdb::Repo::temporary(sheafdb::RepoConfig {
+            peer_id: Some(PeerId::new("twin")),
+            ..sheafdb::RepoConfig::default()
+        })
+        .unwrap()
+    };
+    let first = twin();
+    let mut options = sheafdb::ConnectOptions::default();
+    options.backoff.base = Duration::from_secs(5);
+    options.backoff.cap = Duration::from_secs(5);
+    let mut state = first.connect_with(&url, options).unwrap();
+    timeout(
+        common::WAIT,
+        state.wait_for(|s| *s == ConnectionState::Connected),
+    )
+    .await
+    .expect("the first twin connects")
+    .unwrap();
+
+    let second = twin();
+    second.connect(&url).unwrap();
+    let refused = timeout(
+        common::WAIT,
+        state.wait_for(|s| matches!(s, ConnectionState::Refused { .. })),
+    )
+    .await
+    .expect("the replaced twin is told why, not just offline")
+    .unwrap()
+    .clone();
+    let ConnectionState::Refused { reason, .. } = refused else {
+        unreachable!()
+    };
+    assert!(
+        reason.contains("replaced by a newer connection from the same peer"),
+        "{reason}"
+    );
+}

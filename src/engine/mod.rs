@@ -410,11 +410,12 @@ impl Engine {
                     .map(|(id, _)| *id)
                     .collect();
                 for old in stale {
-                    self.effects.push(Effect::Close {
-                        conn: old,
-                        reason: "replaced by a newer connection from the same peer".into(),
-                    });
-                    self.conn_closed(old);
+                    // Said in an `error` too: two live repos sharing a peer id take turns
+                    // replacing each other, and each should learn why it keeps dropping.
+                    self.close(
+                        old,
+                        "replaced by a newer connection from the same peer".into(),
+                    );
                 }
                 self.effects.push(Effect::Send {
                     conn,

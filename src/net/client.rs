@@ -161,7 +161,10 @@ pub enum ConnectionState {
     },
     /// The server closed the connection on purpose, with a code other than normal (1000)
     /// or going away (1001), and said why: e.g. 1008 `unauthorized: token expired at ...`
-    /// (sheaf-relay with auth), 1013 over a connection cap. Otherwise as `Offline`: the next
+    /// (sheaf-relay with auth), 1013 over a connection cap. Or its sync engine sent a
+    /// protocol `error` message before closing (then `reason` is that message): e.g. an
+    /// unsupported protocol version, or `replaced by a newer connection from the same peer`
+    /// (two repos sharing a peer id take turns). Otherwise as `Offline`: the next
     /// attempt comes in `retry_in` (asking a [`TokenSource`] for a token again, so
     /// a refreshed token gets in). What an app shows instead of a plain "offline", or acts
     /// on (sign the user in again).
@@ -173,6 +176,21 @@ pub enum ConnectionState {
     /// Not connected and not trying again: the connection was ended (the repo shut down,
     /// its `Connection` dropped) or the repo's engine stopped (see `Repo::engine_stopped`).
     Stopped,
+}
+
+/// Whether the server ended the connection on purpose and said why: a Close code other
+/// than normal or going away, or a protocol `error` message before it closed (its text is
+/// the reason, with the Close code it came with; 1006, "abnormal", if none).
+fn refusal(end: crate::relay::Ended) -> Option<crate::relay::PeerClose> {
+    let code = end.peer_close.as_ref().map(|c| c.code);
+    match (end.peer_close, end.peer_error) {
+        (Some(c), _) if !matches!(c.code, 1000 | 1001) => Some(c),
+        (_, Some(reason)) => Some(crate::relay::PeerClose {
+            code: code.unwrap_or(1006),
+            reason,
+        }),
+        _ => None,
+    }
 }
 
 /// Exponential backoff with jitter.
@@ -257,9 +275,7 @@ pub fn spawn_reconnecting(
                     // The socket task watches `shutdown` itself and closes with 1001.
                     let end = dialed.task.await.ok();
                     let kind = end.as_ref().map(|e| e.kind.label());
-                    refused = end
-                        .and_then(|e| e.peer_close)
-                        .filter(|c| !matches!(c.code, 1000 | 1001));
+                    refused = end.and_then(refusal);
                     match &refused {
                         Some(c) => {
                             warn!(url, code = c.code, reason = %c.reason, "the server closed the connection")

@@ -54,13 +54,20 @@ pub enum CloseKind {
     Io,
 }
 
-/// How a connection ended: why, and the Close frame the peer sent, if it sent one with a
-/// code (a server's reason for refusing a client, e.g. `unauthorized: ...` with 1008).
+/// How a connection ended: why, the Close frame the peer sent, if it sent one with a code
+/// (a server's reason for refusing a client, e.g. `unauthorized: ...` with 1008), and the
+/// first protocol `error` message it sent (what a peer's sync engine says before it closes
+/// a connection it will not serve: an unsupported protocol version, a newer connection
+/// with the same peer id).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ended {
     pub kind: CloseKind,
     pub peer_close: Option<PeerClose>,
+    pub peer_error: Option<String>,
 }
+
+/// The longest `error` text kept in [`Ended::peer_error`] (the rest is cut).
+const MAX_PEER_ERROR: usize = 1024;
 
 /// A Close frame received from the peer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -159,6 +166,7 @@ where
     })));
 
     let mut peer_close = None;
+    let mut peer_error = None;
     let (kind, drain) = read_loop(
         &mut stream,
         &*hub,
@@ -168,7 +176,7 @@ where
         &ctrl_tx,
         closing_rx,
         shutdown,
-        &mut peer_close,
+        (&mut peer_close, &mut peer_error),
     )
     .await;
     // The writer has every request the reader made; without a sender it finishes.
@@ -200,7 +208,11 @@ where
     }
     metrics.closes.inc(kind.label());
     info!(conn = conn.0, reason = kind.label(), "connection closed");
-    Ended { kind, peer_close }
+    Ended {
+        kind,
+        peer_close,
+        peer_error,
+    }
 }
 
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
@@ -235,7 +247,7 @@ async fn read_loop<S>(
     ctrl: &mpsc::Sender<CloseRequest>,
     mut closing_rx: watch::Receiver<Option<CloseKind>>,
     mut shutdown: Shutdown,
-    peer_close: &mut Option<PeerClose>,
+    (peer_close, peer_error): (&mut Option<PeerClose>, &mut Option<String>),
 ) -> (CloseKind, bool)
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -328,7 +340,20 @@ where
                 }
                 match msg {
                     WsMessage::Binary(bytes) => match protocol::decode(&bytes) {
-                        Ok(m) => hub.receive(conn, m),
+                        Ok(m) => {
+                            if let (Message::Error { message, .. }, None) = (&m, &peer_error) {
+                                let mut text = message.clone();
+                                if text.len() > MAX_PEER_ERROR {
+                                    let mut cut = MAX_PEER_ERROR;
+                                    while !text.is_char_boundary(cut) {
+                                        cut -= 1;
+                                    }
+                                    text.truncate(cut);
+                                }
+                                *peer_error = Some(text);
+                            }
+                            hub.receive(conn, m)
+                        }
                         Err(e) => {
                             metrics.decode_error(&e);
                             let reason = format!("undecodable message: {e}");
