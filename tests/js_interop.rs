@@ -566,3 +566,50 @@ async fn a_sheaf_repo_hears_a_js_devices_heads_through_the_js_sync_server() {
     laptop.finish().await;
     server.finish().await;
 }
+
+/// Versioned URLs (`automerge:<id>#<head>|...`) name the same version on both sides: a JS
+/// view's URL finds that version in sheaf, and a sheaf view's URL in JS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_versioned_url_names_the_same_version_in_js_and_sheaf() {
+    common::js_dir(); // fails first, with what to run, if node or node_modules is missing
+    let data = tempfile::tempdir().unwrap();
+    let relay = RelayProc::start(data.path(), 0, &[]).await;
+    let url = relay.url();
+    let mut js = JsProc::spawn("client.mjs", &[&url, "js-versions", "60000"]).await;
+    js.expect(WAIT, |v| v["event"] == "ready").await;
+    let sheaf = peer_repo();
+    sheaf.connect(&url).unwrap();
+
+    let created = js.call(json!({"cmd": "create", "init": {"v": 1}})).await;
+    let doc_url = created["url"].as_str().unwrap().to_string();
+    let v1_url = js.call(json!({"cmd": "viewUrl", "url": doc_url})).await["url"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(v1_url.starts_with(&format!("{doc_url}#")), "{v1_url}");
+    js.call(json!({"cmd": "put", "url": doc_url, "key": "v", "value": 2}))
+        .await;
+
+    let v1: sheafdb::AutomergeUrl = v1_url.parse().unwrap();
+    let view = timeout(WAIT, sheaf.find(v1)).await.unwrap().unwrap();
+    assert_eq!(view.to_json(), json!({"v": 1}));
+    assert_eq!(
+        view.url().to_string(),
+        v1_url,
+        "the same URL for the same version"
+    );
+
+    let id: sheafdb::AutomergeUrl = doc_url.parse().unwrap();
+    let h = timeout(WAIT, sheaf.find(id)).await.unwrap().unwrap();
+    wait_json(&h, "v = 2", |j| j["v"] == 2).await;
+    h.change(|tx| tx.put(ROOT, "v", 3_i64)).unwrap();
+    let v3_url = h.view(&h.heads()).unwrap().url().to_string();
+    h.change(|tx| tx.put(ROOT, "v", 4_i64)).unwrap();
+    js.call(json!({"cmd": "waitDoc", "url": doc_url, "doc": {"v": 4}}))
+        .await;
+    let found = js.call(json!({"cmd": "find", "url": v3_url})).await;
+    assert_eq!(found["doc"], json!({"v": 3}), "{found}");
+
+    js.finish().await;
+    relay.terminate().await;
+}

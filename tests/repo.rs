@@ -1122,3 +1122,76 @@ async fn a_peer_refuses_a_forged_change_and_keeps_the_connection_a_relay_closes_
         let _ = stop.send(());
     }
 }
+
+/// A URL with heads names a version of a note: `find` gives a read-only view of it (as JS
+/// `repo.find` of such a URL does), also on another device once those heads arrive there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_url_with_heads_finds_that_version_read_only() {
+    let (url, _relay, _stop) = common::in_process_relay().await;
+    let repo = Repo::temporary(RepoConfig::default()).unwrap();
+    let h = repo.create().await.unwrap();
+    h.change(|tx| tx.put(ROOT, "v", 1_i64)).unwrap();
+    let v1 = h.heads();
+    h.change(|tx| tx.put(ROOT, "v", 2_i64)).unwrap();
+
+    let versioned = sheafdb::AutomergeUrl {
+        id: h.id(),
+        heads: Some(v1.clone()),
+    };
+    let text = versioned.to_string();
+    assert!(text.contains('#'), "{text}");
+    let view = repo
+        .find(text.parse::<sheafdb::AutomergeUrl>().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(view.to_json(), serde_json::json!({"v": 1}));
+    assert_eq!(view.heads(), v1);
+    assert_eq!(view.fixed_heads(), Some(v1.as_slice()));
+    assert_eq!(view.url().to_string(), text, "its URL names its version");
+    assert!(matches!(
+        view.change(|tx| tx.put(ROOT, "v", 3_i64)),
+        Err(RepoError::FixedHeads(id)) if id == h.id()
+    ));
+    // The note itself moves on; the view does not.
+    h.change(|tx| tx.put(ROOT, "v", 4_i64)).unwrap();
+    assert_eq!(view.to_json(), serde_json::json!({"v": 1}));
+    assert_eq!(h.to_json(), serde_json::json!({"v": 4}));
+    let mut changes = view.changes();
+    assert!(
+        changes.next().await.is_none(),
+        "a view has no changes to report"
+    );
+
+    // Heads the note does not have: a typed error naming them, after the find timeout.
+    let mut other = automerge::Automerge::new();
+    other.empty_commit(Default::default());
+    let quick = Repo::temporary(RepoConfig {
+        find_timeout: std::time::Duration::from_millis(300),
+        ..RepoConfig::default()
+    })
+    .unwrap();
+    let copy = quick.import(&h.export()).await.unwrap();
+    let bogus = sheafdb::AutomergeUrl {
+        id: copy.id(),
+        heads: Some(other.get_heads()),
+    };
+    match quick.find(bogus).await {
+        Err(RepoError::UnknownHeads { missing, .. }) => assert_eq!(missing, other.get_heads()),
+        other => panic!("expected UnknownHeads, got {other:?}"),
+    }
+
+    // On another device the version is found once the note syncs there.
+    repo.connect(&url).unwrap();
+    h.saved().await.unwrap();
+    let phone = Repo::temporary(RepoConfig {
+        find_timeout: common::WAIT,
+        ..RepoConfig::default()
+    })
+    .unwrap();
+    phone.connect(&url).unwrap();
+    let there = tokio::time::timeout(common::WAIT, phone.find(versioned))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(there.to_json(), serde_json::json!({"v": 1}));
+}

@@ -36,6 +36,16 @@ pub enum RepoError {
     Id(#[from] crate::id::IdError),
     #[error("connecting needs a tokio runtime")]
     NoRuntime,
+    /// A view of a note as of fixed heads ([`super::DocHandle::view`], a URL with heads)
+    /// cannot be changed; change the note through a handle without heads.
+    #[error("document {0} is viewed as of fixed heads: it cannot be changed there")]
+    FixedHeads(DocumentId),
+    /// The note lacks these heads (not a version of it, or not synced here yet).
+    #[error("document {id} has no change {}", missing.iter().map(crate::id::encode_head).collect::<Vec<_>>().join(", "))]
+    UnknownHeads {
+        id: DocumentId,
+        missing: Vec<automerge::ChangeHash>,
+    },
 }
 
 impl From<crate::schema::Rejected> for RepoError {

@@ -23,12 +23,24 @@ pub enum SaveState {
 }
 
 /// A cheap, cloneable handle on one note. Safe to use from many tasks.
+///
+/// A handle may be a *view*: the note as of fixed heads ([`DocHandle::view`], or
+/// [`super::Repo::find`] of a URL with heads, as automerge-repo's `handle.view(heads)`). It
+/// reads that version, names it in its URL, and cannot change it; its status, sync and
+/// save state are the note's.
 #[derive(Clone)]
 pub struct DocHandle {
     repo: Repo,
     id: DocumentId,
     doc: SharedDoc,
     channels: Arc<DocChannels>,
+    view: Option<Arc<View>>,
+}
+
+/// The note as of `heads` (built once: a view never moves).
+struct View {
+    heads: Vec<ChangeHash>,
+    doc: Automerge,
 }
 
 impl std::fmt::Debug for DocHandle {
@@ -46,6 +58,7 @@ impl DocHandle {
             id,
             doc,
             channels,
+            view: None,
         }
     }
 
@@ -53,18 +66,58 @@ impl DocHandle {
         self.id
     }
 
+    /// The note as of `heads` (an earlier version, or the current one), as a read-only
+    /// handle whose URL names the heads. [`RepoError::UnknownHeads`] if the note lacks one of
+    /// them here (see [`super::Repo::find`], which waits for them).
+    pub fn view(&self, heads: &[ChangeHash]) -> Result<DocHandle, RepoError> {
+        let fork = {
+            let doc = self.doc.lock();
+            let missing: Vec<ChangeHash> = heads
+                .iter()
+                .filter(|h| doc.get_change_meta_by_hash(h).is_none())
+                .copied()
+                .collect();
+            if !missing.is_empty() {
+                return Err(RepoError::UnknownHeads {
+                    id: self.id,
+                    missing,
+                });
+            }
+            doc.fork_at(heads).map_err(RepoError::Change)?
+        };
+        let mut heads = heads.to_vec();
+        heads.sort();
+        heads.dedup();
+        Ok(DocHandle {
+            view: Some(Arc::new(View { heads, doc: fork })),
+            ..self.clone()
+        })
+    }
+
+    /// The heads this handle is fixed at, if it is a view ([`DocHandle::view`]).
+    pub fn fixed_heads(&self) -> Option<&[ChangeHash]> {
+        self.view.as_ref().map(|v| v.heads.as_slice())
+    }
+
     /// The repo this handle belongs to.
     pub(crate) fn repo(&self) -> &Repo {
         &self.repo
     }
 
+    /// The note's URL; a view's names its heads (`automerge:<id>#<head>|...`).
     pub fn url(&self) -> AutomergeUrl {
-        self.id.url()
+        AutomergeUrl {
+            id: self.id,
+            heads: self.fixed_heads().map(<[ChangeHash]>::to_vec),
+        }
     }
 
-    /// Read the note. Holds only this note's lock.
+    /// Read the note (a view: as of its heads). Holds only this note's lock.
     pub fn with_doc<R>(&self, f: impl FnOnce(&Automerge) -> R) -> R {
-        f(&self.doc.lock())
+        match &self.view {
+            Some(v) => f(&v.doc),
+            None => f(&self.doc.lock()),
+        }
     }
 
     /// Change the note in one Automerge transaction. If `f` fails the transaction is rolled
@@ -88,6 +141,9 @@ impl DocHandle {
         options: CommitOptions,
         f: impl FnOnce(&mut Transaction<'_>) -> Result<R, AutomergeError>,
     ) -> Result<R, RepoError> {
+        if self.view.is_some() {
+            return Err(RepoError::FixedHeads(self.id));
+        }
         let (out, changed) = {
             let mut doc = self.doc.lock();
             // With a subscriber to `changes()`, log this change's patches (see
@@ -174,18 +230,23 @@ impl DocHandle {
     }
 
     pub fn heads(&self) -> Vec<ChangeHash> {
-        self.doc.lock().get_heads()
+        match &self.view {
+            Some(v) => v.heads.clone(),
+            None => self.doc.lock().get_heads(),
+        }
     }
 
     /// The whole note as JSON (maps, lists, text as strings, counters as numbers).
     pub fn to_json(&self) -> serde_json::Value {
-        let doc = self.doc.lock();
-        serde_json::to_value(automerge::AutoSerde::from(&**doc)).unwrap_or(serde_json::Value::Null)
+        self.with_doc(|d| {
+            serde_json::to_value(automerge::AutoSerde::from(d)).unwrap_or(serde_json::Value::Null)
+        })
     }
 
-    /// The note as Automerge bytes (`save()`), importable anywhere.
+    /// The note as Automerge bytes (`save()`), importable anywhere (a view: its history up
+    /// to its heads).
     pub fn export(&self) -> Vec<u8> {
-        self.doc.lock().save()
+        self.with_doc(|d| d.save())
     }
 
     /// Wait until every change made to this note so far is durable on disk.
@@ -243,6 +304,16 @@ impl DocHandle {
     /// (`engine::DocCell`), so an event costs about what its patches are, not a diff of the
     /// note; `RepoStats::change_events_diffed` counts the events that had to diff.
     pub fn changes(&self) -> Changes {
+        if let Some(v) = &self.view {
+            // A view never changes: a subscription that ends at once, on a cell of its own.
+            return Changes {
+                rx: watch::channel(v.heads.clone()).1,
+                last: v.heads.clone(),
+                doc: crate::engine::shared(Automerge::new()),
+                stats: self.repo.inner.stats.clone(),
+                texts: TextCache::default(),
+            };
+        }
         let rx = self.heads_watch();
         let last = {
             let mut doc = self.doc.lock();
@@ -264,6 +335,9 @@ impl DocHandle {
     /// when it missed some), nothing is computed. For apps that re-read what they show, sync
     /// indicators, and `get_changes_meta(&old_heads)` to see who changed what.
     pub fn heads_watch(&self) -> watch::Receiver<Vec<ChangeHash>> {
+        if let Some(v) = &self.view {
+            return watch::channel(v.heads.clone()).1;
+        }
         // Edits made while no one watched did not publish (see `change_with`): catch up
         // first, under the note's lock, so that no edit slips between the two.
         let doc = self.doc.lock();

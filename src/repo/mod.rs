@@ -121,6 +121,28 @@ impl DocChannels {
     }
 }
 
+/// `handle` viewed as of `heads` ([`DocHandle::view`]) once the note has them all: a URL
+/// with heads may name changes still on their way from a peer. Waits until `deadline`, then
+/// [`RepoError::UnknownHeads`].
+async fn view_when_there(
+    handle: DocHandle,
+    heads: &[automerge::ChangeHash],
+    deadline: tokio::time::Instant,
+) -> Result<DocHandle, RepoError> {
+    let mut moved = handle.heads_watch();
+    loop {
+        match handle.view(heads) {
+            Err(RepoError::UnknownHeads { .. }) => {}
+            other => return other,
+        }
+        match tokio::time::timeout_at(deadline, moved.changed()).await {
+            Ok(Ok(())) => {}
+            // The deadline passed or the repo closed: say which heads are missing.
+            _ => return handle.view(heads),
+        }
+    }
+}
+
 /// The heads another device's storage holds of a note, and when they were seen there (see
 /// [`Repo::subscribe_remote_heads`]).
 #[derive(Debug, Clone, PartialEq)]
@@ -358,16 +380,27 @@ impl Repo {
     }
 
     /// Find a note by id or URL: from memory, from disk, or from peers. Waits for a peer to
-    /// connect if none is (up to the configured find timeout).
+    /// connect if none is (up to the configured find timeout). A URL with heads
+    /// (`automerge:<id>#<head>|...`, as JS `handle.url` of a view) gives a read-only view of
+    /// that version ([`DocHandle::view`]), once the note has those heads here (within the
+    /// same timeout; else [`RepoError::UnknownHeads`]).
     pub async fn find(&self, id: impl Into<AutomergeUrl>) -> Result<DocHandle, RepoError> {
-        let id = id.into().id;
+        let url = id.into();
+        let id = url.id;
         let (reply, rx) = oneshot::channel();
         self.inner.send(Cmd::Find { id, reply })?;
         let after = self.inner.config.find_timeout;
+        let deadline = tokio::time::Instant::now() + after;
         // Bound first, so the reply channel is dropped before a timeout is reported.
         let answer = tokio::time::timeout(after, rx).await;
         match answer {
-            Ok(Ok(Ok(shared))) => Ok(DocHandle::new(self.clone(), id, shared)),
+            Ok(Ok(Ok(shared))) => {
+                let handle = DocHandle::new(self.clone(), id, shared);
+                match url.heads {
+                    Some(heads) => view_when_there(handle, &heads, deadline).await,
+                    None => Ok(handle),
+                }
+            }
             Ok(Ok(Err(e))) => Err(e),
             Ok(Err(_)) => Err(self.inner.closed()),
             Err(_) => {

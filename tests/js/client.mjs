@@ -23,6 +23,7 @@
 //   {"cmd":"cursorPosition","url":U,"key":K,"cursor":C} -> {"index"}
 //   Text indices here are JS string indices: UTF-16 code units.
 //   {"cmd":"quit"}
+//   {"cmd":"viewUrl","url":U}               -> {"url"}   (the URL of handle.view(heads()))
 //   {"cmd":"storageId"}                     -> {"storageId"} (gossip mode only, see below)
 //   {"cmd":"subscribeRemotes","storageIds":[S]} -> {}   (repo.subscribeToRemotes)
 //   {"cmd":"syncInfo","url":U,"storageId":S} -> {"heads"} (handle.getSyncInfo: null if none)
@@ -163,6 +164,10 @@ const commands = {
     const h = await get(u)
     h.broadcast(message)
     return {}
+  },
+  async viewUrl({ url: u }) {
+    const h = await get(u)
+    return { url: h.view(h.heads()).url }
   },
   async storageId() {
     return { storageId: await repo.storageId() }
