@@ -46,7 +46,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use automerge::ChangeHash;
 
-use crate::id::{decode_head, encode_head, DocumentId, StorageId};
+use crate::id::{decode_head, encode_head, DocumentId, PeerId, StorageId};
 use crate::net::ConnId;
 use crate::protocol::{HeadsAt, Message};
 
@@ -218,19 +218,22 @@ impl Engine {
         (self.config.clock_offset_ms as f64) + now.0 as f64
     }
 
-    /// Send `conn` what is known of (doc, storage).
-    fn tell(&mut self, conn: ConnId, doc: DocumentId, storage: StorageId, at: HeadsAt) {
+    /// Send `conn`'s peer `msg(us, them)` (nothing before its handshake).
+    fn send_to_peer(&mut self, conn: ConnId, msg: impl FnOnce(PeerId, PeerId) -> Message) {
         let Some(target) = self.conns.get(&conn).and_then(|c| c.peer_id()).cloned() else {
             return;
         };
-        self.effects.push(super::Effect::Send {
-            conn,
-            msg: Message::RemoteHeadsChanged {
-                sender_id: self.config.peer_id.clone(),
-                target_id: target,
-                document_id: doc,
-                new_heads: BTreeMap::from([(storage, at)]),
-            },
+        let msg = msg(self.config.peer_id.clone(), target);
+        self.effects.push(super::Effect::Send { conn, msg });
+    }
+
+    /// Send `conn` what is known of (doc, storage).
+    fn tell(&mut self, conn: ConnId, doc: DocumentId, storage: StorageId, at: HeadsAt) {
+        self.send_to_peer(conn, |sender_id, target_id| Message::RemoteHeadsChanged {
+            sender_id,
+            target_id,
+            document_id: doc,
+            new_heads: BTreeMap::from([(storage, at)]),
         });
     }
 
@@ -297,17 +300,13 @@ impl Engine {
     }
 
     fn send_subscription(&mut self, conn: ConnId, add: Vec<StorageId>, remove: Vec<StorageId>) {
-        let Some(target) = self.conns.get(&conn).and_then(|c| c.peer_id()).cloned() else {
-            return;
-        };
-        self.effects.push(super::Effect::Send {
-            conn,
-            msg: Message::RemoteSubscriptionChange {
-                sender_id: self.config.peer_id.clone(),
-                target_id: target,
+        self.send_to_peer(conn, |sender_id, target_id| {
+            Message::RemoteSubscriptionChange {
+                sender_id,
+                target_id,
                 add,
                 remove,
-            },
+            }
         });
     }
 
