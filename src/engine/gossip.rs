@@ -196,12 +196,12 @@ impl Gossip {
         })
     }
 
-    /// Every (doc, heads) known for `storage`.
-    fn known_for(&self, storage: &StorageId) -> Vec<(DocumentId, Vec<ChangeHash>, f64)> {
+    /// The documents whose heads are known for `storage`.
+    fn known_docs(&self, storage: &StorageId) -> Vec<DocumentId> {
         self.known
-            .iter()
-            .filter(|((_, s), _)| s == storage)
-            .map(|((d, _), k)| (*d, k.heads.clone(), k.timestamp))
+            .keys()
+            .filter(|(_, s)| s == storage)
+            .map(|(d, _)| *d)
             .collect()
     }
 
@@ -287,14 +287,8 @@ impl Engine {
             self.send_subscription(conn, add.clone(), remove.clone());
         }
         for s in add {
-            for (doc, heads, timestamp) in self.gossip.known_for(&s) {
-                let event = super::Event::RemoteHeads {
-                    doc,
-                    storage: s.clone(),
-                    heads,
-                    timestamp,
-                };
-                self.effects.push(super::Effect::Event(event));
+            for doc in self.gossip.known_docs(&s) {
+                self.report(doc, s.clone());
             }
         }
     }
@@ -364,8 +358,8 @@ impl Engine {
         for (storage, at) in new_heads {
             let wanted = self.gossip.ours.contains(&storage)
                 || !self.gossip.subscribers(&storage).is_empty();
-            let ours = self.config.storage_id.as_ref() == Some(&storage);
-            if !wanted || ours || at.heads.len() > MAX_HEADS || !at.timestamp.is_finite() {
+            let about_us = self.config.storage_id.as_ref() == Some(&storage);
+            if !wanted || about_us || at.heads.len() > MAX_HEADS || !at.timestamp.is_finite() {
                 continue;
             }
             let Ok(heads) = at.heads.iter().map(|h| decode_head(h)).collect() else {
