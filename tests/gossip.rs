@@ -368,6 +368,22 @@ async fn wait_remote(h: &sheafdb::DocHandle, storage: &StorageId, heads: &[Chang
     );
 }
 
+/// Wait until `h` has `heads` and says it is synced (bounded).
+async fn timeout_synced(h: &sheafdb::DocHandle, heads: &[ChangeHash]) {
+    let mut status = h.status();
+    tokio::time::timeout(common::WAIT, async {
+        loop {
+            if h.heads() == heads && status.get() == sheafdb::NoteStatus::Synced {
+                return;
+            }
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_millis(50), status.changed()).await;
+        }
+    })
+    .await
+    .expect("the phone syncs the note");
+}
+
 fn client() -> sheafdb::Repo {
     sheafdb::Repo::temporary(sheafdb::RepoConfig {
         find_timeout: common::WAIT,
@@ -387,7 +403,7 @@ async fn a_repo_hears_what_another_device_holds_through_a_relay() {
     laptop.connect(&url).unwrap();
     phone.connect(&url).unwrap();
     phone
-        .subscribe_remote_heads([laptop.storage_id().clone(), relay.storage_id().clone()])
+        .subscribe_remote_heads([laptop.storage_id().clone()])
         .unwrap();
 
     let note = laptop.create().await.unwrap();
@@ -402,7 +418,13 @@ async fn a_repo_hears_what_another_device_holds_through_a_relay() {
         note.change(|tx| tx.put(ROOT, "n", n)).unwrap();
         wait_remote(&seen, laptop.storage_id(), &note.heads()).await;
     }
-    // The relay's own storage (a direct peer of the phone) has the laptop's last edit too.
+    // The relay's own storage (a direct peer of the phone) has the laptop's last edit too:
+    // subscribed to only now, with nothing moving, what the phone knows is reported at once.
+    wait_remote(&seen, laptop.storage_id(), &note.heads()).await;
+    timeout_synced(&seen, &note.heads()).await;
+    phone
+        .subscribe_remote_heads([relay.storage_id().clone()])
+        .unwrap();
     wait_remote(&seen, relay.storage_id(), &note.heads()).await;
 
     // Unsubscribed: the laptop's next edits are not heard (the relay's still are).
