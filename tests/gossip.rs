@@ -27,6 +27,8 @@ const D: ConnId = ConnId(4);
 struct Relay {
     engine: Engine,
     now: Millis,
+    /// How far the clock moves per batch.
+    step_ms: u64,
     sent: Vec<(ConnId, Message)>,
 }
 
@@ -37,6 +39,7 @@ impl Relay {
         Self {
             engine: Engine::new(config),
             now: Millis(0),
+            step_ms: 10,
             sent: Vec::new(),
         }
     }
@@ -47,7 +50,7 @@ impl Relay {
             if queue.is_empty() {
                 return;
             }
-            self.now = self.now.plus(10);
+            self.now = self.now.plus(self.step_ms);
             let effects = self
                 .engine
                 .handle_batch(self.now, std::mem::take(&mut queue));
@@ -314,11 +317,11 @@ fn reports_from_another_hub_are_passed_on_when_newer_and_never_back() {
         "not sent back to the hub"
     );
 
-    // Older or equal news is dropped; a storage nobody subscribes to is not kept or sent;
-    // heads that are not change hashes are refused.
+    // Older news, or the same again, is dropped; a storage nobody subscribes to is not kept
+    // or sent; heads that are not change hashes are refused.
     let mark = relay.sent.len();
     relay.receive(A, report(&[], 4_000.0, "desk-storage"));
-    relay.receive(A, report(&[], 5_000.0, "desk-storage"));
+    relay.receive(A, report(&desk.get_heads(), 5_000.0, "desk-storage"));
     relay.receive(A, report(&desk.get_heads(), 9_000.0, "attic-storage"));
     let mut garbage = report(&[], 9_000.0, "desk-storage");
     if let Message::RemoteHeadsChanged { new_heads, .. } = &mut garbage {
@@ -338,9 +341,42 @@ fn reports_from_another_hub_are_passed_on_when_newer_and_never_back() {
         "the attic's report was not kept"
     );
 
-    // Newer news is passed on, even with the same heads (its time is news).
+    // Newer news is passed on, even with the same heads (its time is news), and so are other
+    // heads as of the same time (the later message wins).
     relay.receive(A, report(&desk.get_heads(), 6_000.0, "desk-storage"));
     assert_eq!(relay.reports(B, mark).len(), 1);
+    edit(&mut desk, "k", 2);
+    relay.receive(A, report(&desk.get_heads(), 6_000.0, "desk-storage"));
+    let heard = relay.reports(B, mark);
+    assert_eq!(heard.len(), 2);
+    assert_eq!(heard[1].2, desk.get_heads());
+}
+
+/// Heads that move twice within a millisecond are reported with increasing times: a
+/// receiver drops a report no newer than what it has (JS does), and would keep the older.
+#[test]
+fn heads_seen_twice_in_one_millisecond_are_reported_in_order() {
+    let mut relay = Relay::new();
+    relay.step_ms = 0;
+    relay.join(A, "laptop", "laptop-storage");
+    relay.join(B, "phone", "phone-storage");
+    let id = DocumentId::random();
+    relay.open(B, id);
+    relay.subscribe(B, &["laptop-storage"], &[]);
+    let mut laptop = Automerge::new();
+    let mut state = State::new();
+    let mark = relay.sent.len();
+    for v in 1..4 {
+        edit(&mut laptop, "a", v);
+        relay.sync(A, id, &mut laptop, &mut state);
+    }
+    let heard = relay.reports(B, mark);
+    assert_eq!(heard.last().map(|h| &h.2), Some(&laptop.get_heads()));
+    assert!(
+        heard.windows(2).all(|w| w[0].3 < w[1].3),
+        "times must increase: {:?}",
+        heard.iter().map(|h| h.3).collect::<Vec<_>>()
+    );
 }
 
 // ---- through Repos and a relay ----------------------------------------------------------

@@ -19,8 +19,11 @@
 //!   sync message, those heads are remembered with the wall-clock time (ms) and sent to every
 //!   other connection subscribed to that storage id that has the document open.
 //! - A `remote-heads-changed` from a peer (a hub further along) is taken for storage ids
-//!   somebody here subscribes to, if its timestamp is newer than what we know, and passed on
-//!   the same way (never back to its sender).
+//!   somebody here subscribes to, if its timestamp is newer than what we know (or as new,
+//!   with other heads: the later message wins), and passed on the same way (never back to
+//!   its sender). Heads seen here are stamped at least 1 ms after the ones they replace, so
+//!   that two sightings within a millisecond still reach a receiver that drops reports no
+//!   newer than what it has (as JS does).
 //! - A connection that subscribes, or that opens a document, is sent what is already known
 //!   for its subscriptions and its open documents at once. (The JS hub sends that only for
 //!   storage ids someone subscribed to before; a late subscriber here does not have to wait
@@ -149,23 +152,31 @@ impl Gossip {
     }
 
     /// Remember `heads` for (doc, storage); false if that says nothing new: the same heads
-    /// again from a sync message (`seen_here`), or a report no newer than what is known.
+    /// again from a sync message (`seen_here`), or a report older than what is known (or as
+    /// old, with the same heads).
+    ///
+    /// Heads seen here are stamped after the ones they replace, at least 1 ms later: two
+    /// sightings within one millisecond would otherwise carry the same time, and a receiver
+    /// (JS or sheaf) drops a report no newer than what it has, keeping the older heads.
     fn record(
         &mut self,
         doc: DocumentId,
         storage: &StorageId,
         heads: Vec<ChangeHash>,
-        timestamp: f64,
+        mut timestamp: f64,
         seen_here: bool,
     ) -> bool {
         let key = (doc, storage.clone());
         if let Some(k) = self.known.get(&key) {
             let stale = match seen_here {
                 true => k.heads == heads,
-                false => timestamp <= k.timestamp,
+                false => timestamp < k.timestamp || (timestamp == k.timestamp && heads == k.heads),
             };
             if stale {
                 return false;
+            }
+            if seen_here {
+                timestamp = timestamp.max(k.timestamp + 1.0);
             }
             self.order.remove(&k.seq);
         }
